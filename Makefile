@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make test` (this suite) and, once it lands, `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Any other torch request pulls a multi-GB CUDA build on the machines this project is developed on.
+TORCH := torch==2.13.0
+
+.PHONY: install test test-slow bench clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[tests]" "$(TORCH)"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python benchmarks/bench_uot.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,57 @@
+"""Cost matrices between acoustic frames and token states, for :func:`modeling_uot_ctc.solver.solve_uot`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def cosine_cost(
+    frames: torch.Tensor,
+    tokens: torch.Tensor,
+    frame_mask: Optional[torch.Tensor] = None,
+    token_mask: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-8,
+) -> torch.Tensor:
+    """Cosine distance `C_ij = 1 - cos(x_i, z_j)` between every frame and every token of each example.
+
+    Args:
+        frames (`torch.Tensor` of shape `(B, T, D)`):
+            Acoustic states, already projected to the token states' width `D`.
+        tokens (`torch.Tensor` of shape `(B, N, D)`):
+            Token states of the teacher.
+        frame_mask (`torch.Tensor` of shape `(B, T)`, *optional*):
+            `True` on valid frames. Padded frames may hold anything, NaN included: they are replaced by zeros
+            before any arithmetic, so they reach neither the values nor the gradients.
+        token_mask (`torch.Tensor` of shape `(B, N)`, *optional*):
+            `True` on valid tokens, with the same treatment of padding.
+        norm_eps (`float`, defaults to 1e-8):
+            Lower bound on a vector's norm before dividing by it: a zero vector has cosine 0 with everything
+            (cost 1) and a finite gradient.
+
+    Returns:
+        `torch.Tensor` of shape `(B, T, N)`: values in `[0, 2]`, zero on padded cells.
+    """
+    if frames.dim() != 3 or tokens.dim() != 3 or frames.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"`frames` and `tokens` must be (B, T, D) and (B, N, D) with the same B, got {tuple(frames.shape)} "
+            f"and {tuple(tokens.shape)}."
+        )
+    if frames.shape[-1] != tokens.shape[-1]:
+        raise ValueError(
+            f"Frames have width {frames.shape[-1]} but tokens {tokens.shape[-1]}: project the frames to the token "
+            "width first (the model's adapter does this)."
+        )
+    if frame_mask is not None:
+        frames = torch.where(frame_mask[:, :, None].bool(), frames, 0.0)
+    if token_mask is not None:
+        tokens = torch.where(token_mask[:, :, None].bool(), tokens, 0.0)
+    frames = torch.nn.functional.normalize(frames, dim=-1, eps=norm_eps)
+    tokens = torch.nn.functional.normalize(tokens, dim=-1, eps=norm_eps)
+    cost = 1.0 - torch.bmm(frames, tokens.transpose(1, 2))
+    if frame_mask is not None:
+        cost = cost * frame_mask[:, :, None].to(cost.dtype)
+    if token_mask is not None:
+        cost = cost * token_mask[:, None, :].to(cost.dtype)
+    return cost
