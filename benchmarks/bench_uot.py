@@ -189,6 +189,8 @@ def main():
     print(f"\n== growth with T and N (B=32, eps={args.eps}, rho_frames={args.rho_frames}) ==")
     print(f"{'T':>5} {'N':>4} | {'ours ms':>8} {'POT ms':>8} {'ratio':>6} | {'iters':>5} {'ms/iter':>8} {'floor ms':>8}")
     sizes = [(100, 30), (300, 30), (600, 30), (300, 10), (300, 60)]
+    if device.type == "cuda":
+        sizes += [(1000, 60), (1500, 100)]  # 20 to 30 s of audio at 50 frames a second
     if args.quick:
         sizes = sizes[:2]
     for max_frames, max_tokens in sizes:
