@@ -22,7 +22,10 @@ import torch
 INF = float("inf")
 
 __all__ = [
+    "ALIGNERS",
     "UOTResult",
+    "register_aligner",
+    "solve_ot",
     "solve_uot",
     "rho_from_fraction",
     "fraction_from_rho",
@@ -736,3 +739,31 @@ def _weights(weights, mask, name, dtype) -> torch.Tensor:
 
 def _describe(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def solve_ot(
+    cost: torch.Tensor,
+    frame_mask: Optional[torch.Tensor] = None,
+    token_mask: Optional[torch.Tensor] = None,
+    frame_weights: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    **settings,
+) -> UOTResult:
+    """Balanced entropic OT (every frame and every token matched in full): :func:`solve_uot` with both sides hard.
+
+    `rho_frames` and `rho_tokens` in `settings` are ignored; every other setting is passed on.
+    """
+    settings.update(rho_frames=INF, rho_tokens=INF)
+    return solve_uot(cost, frame_mask, token_mask, frame_weights, token_weights, **settings)
+
+
+# The aligners a model can use, by the name its config gives. An aligner takes the arguments of `solve_uot` and
+# returns a `UOTResult`; adding one is writing that function and one entry here (or calling `register_aligner`).
+ALIGNERS = {"uot": solve_uot, "ot": solve_ot}
+
+
+def register_aligner(name: str, aligner) -> None:
+    """Make `aligner` available to models whose config says `aligner=name`."""
+    if name == "none":
+        raise ValueError("'none' is reserved: it switches the transfer loss off.")
+    ALIGNERS[name] = aligner

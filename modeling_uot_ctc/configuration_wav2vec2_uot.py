@@ -1,0 +1,172 @@
+"""Configuration of :class:`~modeling_uot_ctc.modeling_wav2vec2_uot.Wav2Vec2ForCTCWithUOT`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from transformers import Wav2Vec2Config
+
+ALIGNER_CHOICES = ("uot", "ot", "none")
+KT_LOSS_CHOICES = ("cosine", "cosine+transport")
+ADAPTER_CHOICES = ("linear", "mlp")
+GRAD_MODE_CHOICES = ("detach", "unrolled")
+
+
+class Wav2Vec2UOTConfig(Wav2Vec2Config):
+    r"""
+    Configuration of a wav2vec 2.0 CTC model trained with unbalanced-optimal-transport knowledge transfer from a
+    pretrained language model (the teacher). Every field of [`Wav2Vec2Config`] keeps its meaning; the fields below
+    configure the transfer, which runs only in training and only when teacher states are passed to `forward`.
+
+    Args:
+        aligner (`str`, *optional*, defaults to `"uot"`):
+            How frames are aligned with teacher tokens: `"uot"` (tokens hard, frames relaxed by `rho_frames`),
+            `"ot"` (balanced: every frame and token matched in full), `"none"` (no transfer: plain CTC), or the name
+            of an aligner added with `modeling_uot_ctc.solver.register_aligner`.
+        alignment_eps (`float`, *optional*, defaults to 0.1):
+            Entropic regularisation of the alignment, in the unit of the cost (cosine distance, in `[0, 2]`).
+        rho_frames (`float`, *optional*, defaults to 1.0):
+            Weight of the KL penalty on the frame-side marginal: the degree of matching. Small values let silent or
+            noisy frames drop out; `inf` (or `None`) makes every frame carry exactly its share. Ignored by `"ot"`.
+        rho_tokens (`float`, *optional*, defaults to `None`):
+            Weight of the KL penalty on the token-side marginal; `None` (stored for `inf`, which JSON cannot hold)
+            makes every token grounded with its full mass, as the method prescribes.
+        matching_fraction (`float`, *optional*):
+            Alternative way to give `rho_frames`, as the exponent `rho / (rho + eps)` in `(0, 1]` that some papers
+            quote. Converted at construction; only `rho_frames` is stored.
+        temporal_order_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the temporal-order prior (transport far from the diagonal in normalised time costs more);
+            0 switches it off. Works with every aligner.
+        alignment_max_iter (`int`, *optional*, defaults to 200):
+            Largest number of Sinkhorn iterations per batch.
+        alignment_tol (`float`, *optional*, defaults to 1e-4):
+            Stopping tolerance of the solver (mass moved by one iteration).
+        alignment_grad_mode (`str`, *optional*, defaults to `"detach"`):
+            `"detach"`: the plan is a constant in the transfer loss (cheap, stable). `"unrolled"`: gradients also
+            flow through the solver's iterations.
+        kt_weight (`float`, *optional*, defaults to 0.5):
+            Weight `lambda_kt` of the transfer loss: `loss = ctc_loss + kt_weight * kt_loss`. 0 is plain CTC.
+        kt_loss_type (`str`, *optional*, defaults to `"cosine"`):
+            `"cosine"`: mean over tokens of `1 - cos(xhat_j, z_j)`, with `xhat_j` the plan-weighted mean of the
+            adapted frames. `"cosine+transport"`: adds the transport cost `<C, P>` of each example.
+        kt_warmup_steps (`int`, *optional*, defaults to 0):
+            Optimiser steps of CTC alone before the transfer loss starts. The model learns the step from its
+            `training_step` attribute, which the training script sets (the transfer runs when it is `None`).
+        kt_adapter (`str`, *optional*, defaults to `"linear"`):
+            The adapter from acoustic states to the teacher's width: `"linear"` or `"mlp"` (linear, GELU, linear).
+        kt_adapter_hidden_size (`int`, *optional*):
+            Inner width of the `"mlp"` adapter; defaults to `teacher_hidden_size`.
+        kt_encoder_layer (`int`, *optional*, defaults to -1):
+            Which encoder output feeds the adapter, as an index into the encoder's hidden states (0: the projected
+            features before the first layer, -1: the last layer, the one the CTC head reads).
+        teacher_hidden_size (`int`, *optional*, defaults to 384):
+            Width `D_t` of the teacher's states (384 for all-MiniLM-L6-v2, 768 for bert-base).
+        teacher_name_or_path (`str`, *optional*, defaults to `""`):
+            The teacher's name or path, kept for the record (the model card shows it); the model never loads it.
+        teacher_layer (`int`, *optional*, defaults to -1):
+            The teacher layer whose states were used, kept for the record.
+    """
+
+    model_type = "wav2vec2-uot"
+    # Extra outputs that evaluation loops should not gather with the logits.
+    keys_to_ignore_at_inference = [
+        "ctc_loss",
+        "kt_loss",
+        "alignments",
+        "token_coverage",
+        "dropped_frame_fraction",
+        "mean_frame_mass",
+        "transported_mass",
+        "hidden_states",
+        "attentions",
+    ]
+
+    def __init__(
+        self,
+        aligner: str = "uot",
+        alignment_eps: float = 0.1,
+        rho_frames: Optional[float] = 1.0,
+        rho_tokens: Optional[float] = None,
+        matching_fraction: Optional[float] = None,
+        temporal_order_weight: float = 0.0,
+        alignment_max_iter: int = 200,
+        alignment_tol: float = 1e-4,
+        alignment_grad_mode: str = "detach",
+        kt_weight: float = 0.5,
+        kt_loss_type: str = "cosine",
+        kt_warmup_steps: int = 0,
+        kt_adapter: str = "linear",
+        kt_adapter_hidden_size: Optional[int] = None,
+        kt_encoder_layer: int = -1,
+        teacher_hidden_size: int = 384,
+        teacher_name_or_path: str = "",
+        teacher_layer: int = -1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(aligner, str) or not aligner:
+            raise ValueError(f"`aligner` must be one of {ALIGNER_CHOICES} or a registered aligner, got {aligner!r}.")
+        if not (alignment_eps > 0 and math.isfinite(alignment_eps)):
+            raise ValueError(f"`alignment_eps` must be a positive number, got {alignment_eps!r}.")
+        if matching_fraction is not None:
+            if not 0.0 < matching_fraction <= 1.0:
+                raise ValueError(f"`matching_fraction` must lie in (0, 1], got {matching_fraction!r}.")
+            rho_frames = math.inf if matching_fraction == 1.0 else alignment_eps * matching_fraction / (
+                1.0 - matching_fraction
+            )
+        rho_frames, rho_tokens = _hard_as_none(rho_frames, "rho_frames"), _hard_as_none(rho_tokens, "rho_tokens")
+        for name, value, choices in (
+            ("kt_loss_type", kt_loss_type, KT_LOSS_CHOICES),
+            ("kt_adapter", kt_adapter, ADAPTER_CHOICES),
+            ("alignment_grad_mode", alignment_grad_mode, GRAD_MODE_CHOICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+        if kt_weight < 0:
+            raise ValueError(f"`kt_weight` must be non-negative, got {kt_weight!r}.")
+        if temporal_order_weight < 0:
+            raise ValueError(f"`temporal_order_weight` must be non-negative, got {temporal_order_weight!r}.")
+        if teacher_hidden_size is None or teacher_hidden_size <= 0:
+            raise ValueError(
+                f"`teacher_hidden_size` must be the width of the teacher's states (e.g. 384 for all-MiniLM-L6-v2, "
+                f"768 for bert-base), got {teacher_hidden_size!r}."
+            )
+        self.aligner = aligner
+        self.alignment_eps = float(alignment_eps)
+        self.rho_frames = rho_frames
+        self.rho_tokens = rho_tokens
+        self.temporal_order_weight = float(temporal_order_weight)
+        self.alignment_max_iter = int(alignment_max_iter)
+        self.alignment_tol = float(alignment_tol)
+        self.alignment_grad_mode = alignment_grad_mode
+        self.kt_weight = float(kt_weight)
+        self.kt_loss_type = kt_loss_type
+        self.kt_warmup_steps = int(kt_warmup_steps)
+        self.kt_adapter = kt_adapter
+        self.kt_adapter_hidden_size = kt_adapter_hidden_size
+        self.kt_encoder_layer = int(kt_encoder_layer)
+        self.teacher_hidden_size = int(teacher_hidden_size)
+        self.teacher_name_or_path = teacher_name_or_path
+        self.teacher_layer = int(teacher_layer)
+
+    @property
+    def solver_settings(self) -> dict:
+        """Keyword arguments for the aligner (`solve_uot`'s signature), with `None` read back as `inf`."""
+        return dict(
+            eps=self.alignment_eps,
+            rho_frames=math.inf if self.rho_frames is None else self.rho_frames,
+            rho_tokens=math.inf if self.rho_tokens is None else self.rho_tokens,
+            temporal_order_weight=self.temporal_order_weight,
+            max_iter=self.alignment_max_iter,
+            tol=self.alignment_tol,
+            grad_mode=self.alignment_grad_mode,
+        )
+
+
+def _hard_as_none(rho, name):
+    if rho is None or (isinstance(rho, float) and math.isinf(rho) and rho > 0):
+        return None
+    if not (isinstance(rho, (int, float)) and rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"`{name}` must be a non-negative number, or None / inf for a hard marginal, got {rho!r}.")
+    return float(rho)

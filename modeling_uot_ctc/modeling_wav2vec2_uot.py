@@ -1,0 +1,280 @@
+"""Wav2Vec2ForCTCWithUOT: a wav2vec 2.0 CTC model that learns, in training, from a language model's token states.
+
+At inference the model is `Wav2Vec2ForCTC`: same weights, same logits, same speed; the adapter is the only extra
+module and it is not used without teacher states.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+from transformers.utils import ModelOutput
+
+from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
+from .costs import cosine_cost
+from .diagnostics import alignment_diagnostics
+from .solver import ALIGNERS
+
+
+@dataclass
+class Wav2Vec2UOTOutput(ModelOutput):
+    """Output of [`Wav2Vec2ForCTCWithUOT`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            `ctc_loss + kt_weight * kt_loss` (just `ctc_loss` when the transfer did not run).
+        logits (`torch.FloatTensor` of shape `(batch_size, frames, vocab_size)`):
+            CTC logits, exactly those of `Wav2Vec2ForCTC` with the same weights.
+        ctc_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The CTC loss, reduced as `config.ctc_loss_reduction` says.
+        kt_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when the transfer ran):
+            The transfer loss: for each example the mean over its valid tokens of `1 - cos(xhat_j, z_j)` (plus its
+            transport cost `<C, P>` for `kt_loss_type="cosine+transport"`), then the mean over examples. Each
+            example thus weighs the same whatever its length or the batch's padding.
+        alignments (`torch.FloatTensor` of shape `(batch_size, frames, tokens)`, *optional*):
+            The transport plans, when `output_alignments=True` and the transfer ran; zero on padding.
+        token_coverage, dropped_frame_fraction, mean_frame_mass, transported_mass (`torch.FloatTensor` of shape
+        `()`, *optional*):
+            Batch means of the detection diagnostics of the plans (see `modeling_uot_ctc.diagnostics`), detached.
+        hidden_states, attentions:
+            As in `Wav2Vec2ForCTC`, when asked for.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    ctc_loss: Optional[torch.FloatTensor] = None
+    kt_loss: Optional[torch.FloatTensor] = None
+    alignments: Optional[torch.FloatTensor] = None
+    token_coverage: Optional[torch.FloatTensor] = None
+    dropped_frame_fraction: Optional[torch.FloatTensor] = None
+    mean_frame_mass: Optional[torch.FloatTensor] = None
+    transported_mass: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
+    """`Wav2Vec2ForCTC` with an adapter and a transfer loss that align its frames with a teacher's token states.
+
+    The adapter maps encoder states (layer `config.kt_encoder_layer`) to the teacher's width; the aligner of
+    `config.aligner` computes a transport plan between the adapted frames and the teacher's tokens on the cosine
+    cost; each token's acoustic counterpart is the plan-weighted mean of the frames, pulled towards the token's state.
+    """
+
+    config_class = Wav2Vec2UOTConfig
+
+    def __init__(self, config: Wav2Vec2UOTConfig):
+        super().__init__(config)
+        acoustic_size = config.output_hidden_size if config.add_adapter else config.hidden_size
+        if config.kt_adapter == "linear":
+            self.kt_adapter = nn.Linear(acoustic_size, config.teacher_hidden_size)
+        else:
+            inner = config.kt_adapter_hidden_size or config.teacher_hidden_size
+            self.kt_adapter = nn.Sequential(
+                nn.Linear(acoustic_size, inner), nn.GELU(), nn.Linear(inner, config.teacher_hidden_size)
+            )
+        # Set by the training script at each optimiser step; the transfer waits for `config.kt_warmup_steps`.
+        self.training_step: Optional[int] = None
+        self.post_init()
+
+    @classmethod
+    def from_plain_wav2vec2(
+        cls, pretrained: Union[str, os.PathLike, Wav2Vec2ForCTC, nn.Module], **config_overrides
+    ) -> "Wav2Vec2ForCTCWithUOT":
+        """Build a UOT model from a plain wav2vec 2.0 checkpoint, keeping every encoder weight.
+
+        Args:
+            pretrained: a saved `Wav2Vec2ForCTC` or `Wav2Vec2Model` (folder or hub name, e.g.
+                `"facebook/wav2vec2-base"`), or such a model in memory.
+            config_overrides: fields of [`Wav2Vec2UOTConfig`] (and of `Wav2Vec2Config`, such as `vocab_size`,
+                `pad_token_id` or `ctc_loss_reduction` for a new CTC head), e.g. `teacher_hidden_size=768`.
+
+        The adapter is freshly initialised; so is the CTC head when the checkpoint has none (a `Wav2Vec2Model`) or
+        when `vocab_size` changes it.
+        """
+        if isinstance(pretrained, nn.Module):
+            base_config = pretrained.config.to_dict()
+            state_dict = pretrained.state_dict()
+        else:
+            base_config = Wav2Vec2Config.from_pretrained(pretrained).to_dict()
+            state_dict = None
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            base_config.pop(key, None)
+        config = Wav2Vec2UOTConfig(**{**base_config, **config_overrides})
+        if state_dict is None:
+            # A new vocabulary re-sizes the CTC head; the encoder's shapes come from the checkpoint's own config.
+            return cls.from_pretrained(pretrained, config=config, ignore_mismatched_sizes=True)
+        model = cls(config)
+        if not any(key.startswith("wav2vec2.") for key in state_dict):
+            state_dict = {f"wav2vec2.{key}": value for key, value in state_dict.items()}
+        own = model.state_dict()
+        compatible = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(compatible, strict=False)
+        return model
+
+    def forward(
+        self,
+        input_values: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        teacher_hidden_states: Optional[torch.Tensor] = None,
+        teacher_attention_mask: Optional[torch.Tensor] = None,
+        output_alignments: bool = False,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, Wav2Vec2UOTOutput]:
+        r"""
+        Args:
+            input_values (`torch.FloatTensor` of shape `(batch_size, samples)`):
+                Raw 16 kHz audio, normalised as the feature extractor does.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, samples)`, *optional*):
+                1 on real samples, 0 on padding. Needed for padded batches; with `feat_extract_norm="group"`
+                (wav2vec2-base) the convolutional front end still sees the padding, as in `Wav2Vec2ForCTC`.
+            labels (`torch.LongTensor` of shape `(batch_size, label_length)`, *optional*):
+                CTC targets: vocabulary ids, `-100` on padding. The blank is `config.pad_token_id`. Ids must be
+                below `config.vocab_size`.
+            teacher_hidden_states (`torch.FloatTensor` of shape `(batch_size, tokens, teacher_hidden_size)`,
+            *optional*):
+                The teacher's states of each transcript's word pieces, special tokens removed (what
+                `modeling_uot_ctc.teacher.TextTeacher` returns). Without them, the model is `Wav2Vec2ForCTC`.
+            teacher_attention_mask (`torch.LongTensor` of shape `(batch_size, tokens)`, *optional*):
+                1 on valid teacher tokens. Default: all valid.
+            output_alignments (`bool`, *optional*, defaults to `False`):
+                Return the transport plans in `alignments`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if labels is not None and labels.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"Label ids must be below vocab_size={self.config.vocab_size}, got {int(labels.max())}: the labels "
+                "and the model's vocabulary disagree (rebuild the tokenizer or set `vocab_size=len(tokenizer)`)."
+            )
+        run_transfer = self._transfer_enabled(teacher_hidden_states)
+        tap_layer = self.config.kt_encoder_layer
+        need_hidden = bool(output_hidden_states) or (run_transfer and tap_layer != -1)
+
+        outputs = self.wav2vec2(
+            input_values,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=need_hidden,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(self.dropout(hidden_states))
+
+        ctc_loss = None
+        if labels is not None:
+            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask, **kwargs)
+
+        kt_loss = plans = diagnostics = None
+        if run_transfer:
+            acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
+            frame_mask = self._frame_mask(acoustic.shape[1], attention_mask)
+            kt_loss, plans, diagnostics = self._transfer_loss(
+                acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask
+            )
+
+        loss = None
+        if ctc_loss is not None:
+            loss = ctc_loss if kt_loss is None else ctc_loss + self.config.kt_weight * kt_loss
+        output = Wav2Vec2UOTOutput(
+            loss=loss,
+            logits=logits,
+            ctc_loss=ctc_loss,
+            kt_loss=kt_loss,
+            alignments=plans if output_alignments else None,
+            **(diagnostics or {}),
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _transfer_enabled(self, teacher_hidden_states) -> bool:
+        config = self.config
+        if teacher_hidden_states is None or config.aligner == "none" or config.kt_weight == 0:
+            return False
+        if config.aligner not in ALIGNERS:
+            raise ValueError(
+                f"Unknown aligner {config.aligner!r}: choose one of {sorted(ALIGNERS) + ['none']} or register yours "
+                "with modeling_uot_ctc.solver.register_aligner."
+            )
+        if teacher_hidden_states.shape[-1] != config.teacher_hidden_size:
+            raise ValueError(
+                f"Teacher states have width {teacher_hidden_states.shape[-1]} but config.teacher_hidden_size is "
+                f"{config.teacher_hidden_size}: build the model with the teacher's hidden size."
+            )
+        warming_up = self.training_step is not None and self.training_step < config.kt_warmup_steps
+        return not warming_up
+
+    def _ctc_loss(self, logits, labels, input_values, attention_mask, **kwargs):
+        # The same call as Wav2Vec2ForCTC.forward, so that CTC training is bit for bit the parent's.
+        attention_mask = (
+            attention_mask if attention_mask is not None else torch.ones_like(input_values, dtype=torch.long)
+        )
+        input_lengths = self._get_feat_extract_output_lengths(attention_mask.sum(-1)).to(torch.long)
+        return self.loss_function(
+            logits=logits,
+            labels=labels,
+            logit_lengths=input_lengths,
+            blank_token_id=self.config.pad_token_id,
+            reduction=self.config.ctc_loss_reduction,
+            zero_infinity=self.config.ctc_zero_infinity,
+            **kwargs,
+        )
+
+    def _frame_mask(self, n_frames: int, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if attention_mask is None:
+            return None
+        return self._get_feature_vector_attention_mask(n_frames, attention_mask).bool()
+
+    def _transfer_loss(self, acoustic, frame_mask, teacher_states, teacher_mask):
+        """Align adapted frames with teacher tokens and return `(kt_loss, plans, diagnostics)`."""
+        batch, n_frames = acoustic.shape[:2]
+        if frame_mask is None:
+            frame_mask = torch.ones(batch, n_frames, dtype=torch.bool, device=acoustic.device)
+        token_mask = (
+            torch.ones(teacher_states.shape[:2], dtype=torch.bool, device=acoustic.device)
+            if teacher_mask is None
+            else teacher_mask.to(acoustic.device).bool()
+        )
+        frames = self.kt_adapter(acoustic)
+        # Padded teacher positions may hold anything; zeros keep them out of every sum below.
+        teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.device, frames.dtype), 0.0)
+        cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+        result = ALIGNERS[self.config.aligner](cost, frame_mask, token_mask, **self.config.solver_settings)
+        plans = result.plan.to(frames.dtype)
+
+        # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
+        token_mass = plans.sum(1)  # (B, N)
+        pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-12)[:, :, None]
+        distance = 1.0 - (
+            nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(teacher_states, dim=-1, eps=1e-8)
+        ).sum(-1)
+        n_tokens = token_mask.sum(-1)
+        per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
+        if self.config.kt_loss_type == "cosine+transport":
+            per_example = per_example + (cost * plans).sum((1, 2))
+        has_tokens = (n_tokens > 0) & frame_mask.any(-1)
+        kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+        stats = alignment_diagnostics(result.plan, frame_mask, token_mask)
+        diagnostics = dict(
+            token_coverage=stats.token_coverage.nanmean(),
+            dropped_frame_fraction=stats.dropped_frame_fraction.nanmean(),
+            mean_frame_mass=stats.mean_frame_mass.nanmean(),
+            transported_mass=stats.total_mass.mean(),
+        )
+        return kt_loss, plans, diagnostics
+
+
+# Saving writes `auto_map` and copies this file and its relative imports next to the weights, so that a folder or
+# a Hub repo loads with `trust_remote_code=True` where this package is not installed.
+Wav2Vec2UOTConfig.register_for_auto_class()
+Wav2Vec2ForCTCWithUOT.register_for_auto_class("AutoModelForCTC")

@@ -1,0 +1,332 @@
+"""Tiny-config tests of Wav2Vec2ForCTCWithUOT, in the style of transformers' ModelTester."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCTC,
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Model,
+    Wav2Vec2Processor,
+    pipeline,
+)
+
+from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+
+TEACHER_WIDTH = 24
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz'")
+
+
+def tiny_config(**overrides):
+    settings = dict(
+        vocab_size=len(CHARACTERS) + 2,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=20,
+        conv_dim=(32, 32, 32),
+        conv_stride=(4, 4, 4),
+        conv_kernel=(8, 8, 8),
+        conv_bias=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        hidden_dropout=0.0,
+        activation_dropout=0.0,
+        attention_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        pad_token_id=0,
+        ctc_loss_reduction="mean",
+        teacher_hidden_size=TEACHER_WIDTH,
+        kt_weight=0.7,
+        rho_frames=0.5,
+        alignment_tol=1e-7,
+        alignment_max_iter=2000,
+    )
+    settings.update(overrides)
+    return Wav2Vec2UOTConfig(**settings)
+
+
+def make_batch(lengths=(2400, 1800, 1200), label_lengths=(6, 4, 3), token_counts=(5, 3, 4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    input_values = torch.zeros(batch, max(lengths))
+    attention_mask = torch.zeros(batch, max(lengths), dtype=torch.long)
+    labels = torch.full((batch, max(label_lengths)), -100, dtype=torch.long)
+    teacher = torch.randn(batch, max(token_counts), TEACHER_WIDTH, generator=gen)
+    teacher_mask = torch.zeros(batch, max(token_counts), dtype=torch.long)
+    for k, (n, m, t) in enumerate(zip(lengths, label_lengths, token_counts)):
+        input_values[k, :n] = torch.randn(n, generator=gen)
+        attention_mask[k, :n] = 1
+        labels[k, :m] = torch.randint(2, len(CHARACTERS) + 2, (m,), generator=gen)
+        teacher_mask[k, :t] = 1
+    return dict(
+        input_values=input_values,
+        attention_mask=attention_mask,
+        labels=labels,
+        teacher_hidden_states=teacher,
+        teacher_attention_mask=teacher_mask,
+    )
+
+
+def slice_example(batch, k, lengths=(2400, 1800, 1200), label_lengths=(6, 4, 3), token_counts=(5, 3, 4)):
+    return dict(
+        input_values=batch["input_values"][k : k + 1, : lengths[k]],
+        attention_mask=batch["attention_mask"][k : k + 1, : lengths[k]],
+        labels=batch["labels"][k : k + 1, : label_lengths[k]],
+        teacher_hidden_states=batch["teacher_hidden_states"][k : k + 1, : token_counts[k]],
+        teacher_attention_mask=batch["teacher_attention_mask"][k : k + 1, : token_counts[k]],
+    )
+
+
+def without_teacher(batch):
+    return {k: v for k, v in batch.items() if not k.startswith("teacher")}
+
+
+def plain_twin(model):
+    """A Wav2Vec2ForCTC with the same weights (everything but the adapter)."""
+    plain = Wav2Vec2ForCTC(Wav2Vec2Config(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"}))
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(key.startswith("kt_adapter") for key in unexpected)
+    return plain.eval()
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Wav2Vec2ForCTCWithUOT(tiny_config()).eval()
+
+
+def test_loss_is_ctc_plus_weighted_transfer(model):
+    out = model(**make_batch(), output_alignments=True)
+    assert out.kt_loss is not None and out.kt_loss > 0
+    torch.testing.assert_close(out.loss, out.ctc_loss + 0.7 * out.kt_loss, rtol=0, atol=1e-6)
+    assert out.logits.shape[:2] == out.alignments.shape[:2] and out.alignments.shape[2] == 5
+    assert out.token_coverage.item() == pytest.approx(1.0)
+    assert 0.0 <= out.dropped_frame_fraction.item() <= 1.0
+    assert out.transported_mass.item() == pytest.approx(1.0, abs=1e-5)  # tokens hard: mass 1 per example
+
+
+@pytest.mark.parametrize("switch_off", ["no_teacher", "kt_weight_0", "aligner_none"])
+def test_without_transfer_it_is_wav2vec2_for_ctc(switch_off):
+    torch.manual_seed(1)
+    overrides = {"kt_weight_0": dict(kt_weight=0.0), "aligner_none": dict(aligner="none")}.get(switch_off, {})
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(**overrides)).eval()
+    batch = make_batch()
+    ours = model(**(without_teacher(batch) if switch_off == "no_teacher" else batch))
+    theirs = plain_twin(model)(**without_teacher(batch))
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=1e-6)
+    assert ours.kt_loss is None and ours.alignments is None and ours.token_coverage is None
+
+
+def test_transfer_loss_reaches_the_encoder(model):
+    model.train()
+    out = model(**make_batch())
+    out.kt_loss.backward()
+    encoder_grads = [p.grad for name, p in model.named_parameters() if name.startswith("wav2vec2.encoder.layers.0")]
+    assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
+    assert model.kt_adapter.weight.grad.abs().sum() > 0
+    assert model.lm_head.weight.grad is None or model.lm_head.weight.grad.abs().sum() == 0
+
+
+def test_training_lowers_both_losses():
+    torch.manual_seed(2)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config()).train()
+    batch = make_batch()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = model(**batch)
+        first = first or (out.ctc_loss.item(), out.kt_loss.item())
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        last = model.eval()(**batch)
+    assert last.ctc_loss.item() < 0.9 * first[0]
+    assert last.kt_loss.item() < 0.9 * first[1]
+
+
+@pytest.mark.parametrize("kt_loss_type", ["cosine", "cosine+transport"])
+def test_each_example_in_a_padded_batch_scores_as_alone(kt_loss_type):
+    """Documented reduction: each loss is the mean over examples of a per-example quantity (CTC with
+    ctc_loss_reduction="mean" divides by the label length; the transfer averages over the example's tokens)."""
+    torch.manual_seed(3)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_loss_type=kt_loss_type)).eval()
+    batch = make_batch()
+    together = model(**batch)
+    alone = [model(**slice_example(batch, k)) for k in range(3)]
+    torch.testing.assert_close(together.ctc_loss, torch.stack([o.ctc_loss for o in alone]).mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(together.kt_loss, torch.stack([o.kt_loss for o in alone]).mean(), rtol=0, atol=1e-5)
+
+
+def test_warmup_waits_for_the_training_step():
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_warmup_steps=10)).eval()
+    batch = make_batch()
+    model.training_step = 3
+    assert model(**batch).kt_loss is None
+    model.training_step = 10
+    assert model(**batch).kt_loss is not None
+
+
+def test_bad_inputs_are_rejected(model):
+    batch = make_batch()
+    with pytest.raises(ValueError, match="teacher_hidden_size"):
+        model(**{**batch, "teacher_hidden_states": torch.randn(3, 5, TEACHER_WIDTH + 1)})
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(**{**batch, "labels": torch.full((3, 2), 99)})
+    with pytest.raises(ValueError, match="aligner"):
+        Wav2Vec2ForCTCWithUOT(tiny_config(aligner="hungarian"))(**batch)
+    with pytest.raises(ValueError, match="kt_adapter"):
+        tiny_config(kt_adapter="transformer")
+
+
+def test_config_fields_and_rho_conventions():
+    config = tiny_config(matching_fraction=0.5, alignment_eps=0.2)
+    assert config.rho_frames == pytest.approx(0.2)
+    assert tiny_config(rho_frames=math.inf).rho_frames is None
+    assert tiny_config().solver_settings["rho_tokens"] == math.inf
+    assert json.loads(tiny_config().to_json_string())["rho_tokens"] is None  # strict JSON, no Infinity
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    assert all(k.split(".")[0] in {"wav2vec2", "lm_head", "kt_adapter"} for k in keys)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for field in ("aligner", "alignment_eps", "rho_frames", "rho_tokens", "kt_weight", "kt_loss_type",
+                  "kt_warmup_steps", "kt_adapter", "kt_encoder_layer", "teacher_hidden_size", "temporal_order_weight",
+                  "alignment_max_iter", "alignment_tol", "alignment_grad_mode", "teacher_name_or_path",
+                  "teacher_layer"):
+        assert saved[field] == getattr(model.config, field)
+    assert saved["auto_map"]["AutoModelForCTC"].endswith("Wav2Vec2ForCTCWithUOT")
+    loaded = AutoModelForCTC.from_pretrained(tmp_path).eval()
+    assert type(loaded) is Wav2Vec2ForCTCWithUOT
+    batch = make_batch()
+    a, b = model(**batch), loaded(**batch)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+def test_auto_classes_know_the_model():
+    settings = {k: v for k, v in tiny_config().to_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("wav2vec2-uot", **settings)
+    assert isinstance(config, Wav2Vec2UOTConfig)
+    assert type(AutoModelForCTC.from_config(config)) is Wav2Vec2ForCTCWithUOT
+
+
+@pytest.mark.parametrize("source", ["ctc_folder", "base_folder", "in_memory"])
+def test_conversion_from_plain_wav2vec2_keeps_every_encoder_weight(source, tmp_path):
+    torch.manual_seed(4)
+    plain_config = Wav2Vec2Config(**{k: v for k, v in tiny_config().to_dict().items() if k != "model_type"})
+    plain = Wav2Vec2ForCTC(plain_config) if source != "base_folder" else Wav2Vec2Model(plain_config)
+    if source == "in_memory":
+        converted = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(plain, teacher_hidden_size=TEACHER_WIDTH)
+    else:
+        plain.save_pretrained(tmp_path)
+        converted = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(str(tmp_path), teacher_hidden_size=TEACHER_WIDTH)
+    assert isinstance(converted.config, Wav2Vec2UOTConfig) and converted.config.teacher_hidden_size == TEACHER_WIDTH
+    ours = converted.state_dict()
+    prefix = "" if source == "base_folder" else "wav2vec2."
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours[key if source != "base_folder" else "wav2vec2." + key], value), key
+    assert converted.kt_adapter.weight.shape == (TEACHER_WIDTH, 16)
+    assert prefix in ("", "wav2vec2.")
+
+
+def save_asr_folder(model, folder):
+    vocab = {"<pad>": 0, "|": 1, **{c: i + 2 for i, c in enumerate(CHARACTERS)}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(folder / "vocab.json"), unk_token="<pad>", pad_token="<pad>", word_delimiter_token="|",
+        bos_token=None, eos_token=None,
+    )
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, do_normalize=True, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return tokenizer, extractor
+
+
+def greedy_transcript(model, extractor, tokenizer, audio):
+    inputs = extractor(audio, sampling_rate=16_000, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(inputs.input_values, attention_mask=inputs.attention_mask).logits
+    return tokenizer.decode(logits.argmax(-1)[0])
+
+
+def biased_model(seed=5):
+    """A tiny model whose untrained head still emits a few characters rather than only blanks."""
+    torch.manual_seed(seed)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config()).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        model.lm_head.bias[0] = -1.0
+    return model
+
+
+def test_stock_pipeline_with_the_package_imported(tmp_path):
+    model = biased_model()
+    tokenizer, extractor = save_asr_folder(model, tmp_path)
+    audio = np.random.default_rng(0).standard_normal(16_000 * 2).astype(np.float32)
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path), device=-1)
+    text = asr(audio)["text"]
+    assert text and text == greedy_transcript(model, extractor, tokenizer, audio)
+    chunked = asr(audio, chunk_length_s=1.0, stride_length_s=0.25)
+    assert isinstance(chunked["text"], str) and chunked["text"]
+    stamped = asr(audio, return_timestamps="char")
+    assert stamped["chunks"] and all({"text", "timestamp"} <= set(c) for c in stamped["chunks"])
+    assert "".join(c["text"] for c in stamped["chunks"]).replace(" ", "") == text.replace(" ", "")
+
+
+def test_stock_pipeline_in_a_fresh_process_with_remote_code(tmp_path):
+    model = biased_model()
+    tokenizer, extractor = save_asr_folder(model, tmp_path / "model")
+    audio = np.random.default_rng(1).standard_normal(16_000 * 2).astype(np.float32)
+    np.save(tmp_path / "audio.npy", audio)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        from transformers import pipeline
+        asr = pipeline("automatic-speech-recognition", model={str(tmp_path / "model")!r}, trust_remote_code=True)
+        audio = np.load({str(tmp_path / "audio.npy")!r})
+        result = dict(
+            text=asr(audio)["text"],
+            chunked=asr(audio, chunk_length_s=1.0)["text"],
+            model_class=type(asr.model).__name__,
+            package_imported="modeling_uot_ctc" in sys.modules,
+        )
+        print(json.dumps(result))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["model_class"] == "Wav2Vec2ForCTCWithUOT"
+    assert result["package_imported"] is False
+    assert result["text"] == greedy_transcript(model, extractor, tokenizer, audio)
+    assert isinstance(result["chunked"], str)
