@@ -508,10 +508,10 @@ def _iterate_scaling(problem: _Problem, max_iter, tol, translation_invariant, ch
     eps = problem.eps
     dtype = problem.a.dtype
     tiny = torch.finfo(dtype).tiny
-    # Scalings stay within exp(+-bound): plan entries lost to underflow in the kernel are below tiny * exp(2 bound),
+    # Scalings stay within exp(+-bound): plan entries lost to the kernel's floor are below exp(floor + 2 bound),
     # and rows or columns carrying less than that are "dead" (their clamped scalings do not ask for a rebuild).
-    bound = 15.0 if dtype == torch.float32 else 150.0
-    dead_mass = tiny * math.exp(2 * bound)
+    bound = _SCALING_BOUND[dtype]
+    dead_mass = math.exp(_exp_floor(dtype) + 2 * bound)
     kappa_f, kappa_g = problem.kappa_frames, problem.kappa_tokens
     rho_f, rho_g = problem.rho_frames, problem.rho_tokens
     use_translation = translation_invariant and problem.uses_translation
@@ -677,13 +677,23 @@ class _ValueWithEnvelopeGradient(torch.autograd.Function):
         return (grad_value[:, None, None] * plan).to(ctx.cost_dtype), None, None
 
 
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    """`exp` with its argument floored just above the subnormal range, in place when autograd allows.
+# Largest |log| of a scaling in the scaling iteration before the kernel is rebuilt.
+_SCALING_BOUND = {torch.float32: 15.0, torch.float64: 150.0}
 
-    Subnormal results make `exp` and the products that follow tens of times slower on x86 CPUs. What the floor
-    adds is below `tiny` per cell, far under any tolerance; callers zero padded cells by multiplying with the mask.
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Smallest exponent `_exp` produces: a kernel entry there, times the smallest scaling, is still a normal float."""
+    return math.log(torch.finfo(dtype).tiny) + _SCALING_BOUND[dtype] + 1.0
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """`exp` with its argument floored well above the subnormal range, in place when autograd allows.
+
+    Subnormal numbers make `exp`, and the matrix products that multiply kernel entries by small scalings, tens of
+    times slower on x86 CPUs. What the floor adds is below `exp(_exp_floor)` per cell (about 1e-31 in float32,
+    1e-242 in float64), far under any tolerance; callers zero padded cells by multiplying with the mask.
     """
-    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+    floor = _exp_floor(x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return x.clamp_min(floor).exp()
     return x.clamp_min_(floor).exp_()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -119,3 +121,73 @@ class TextTeacher(nn.Module):
             self.tokenizer.convert_ids_to_tokens(row[: int(count)].tolist()) for row, count in zip(ids, n_kept)
         ]
         return TeacherOutput(hidden_states=packed, attention_mask=mask.long(), tokens=tokens)
+
+
+class TeacherStateCache:
+    """Teacher states of transcripts computed once and kept on disk, one small safetensors file per transcript.
+
+    Files live in `cache_dir/<hash of key>/<hash of transcript>.safetensors`, where `key` names the teacher and its
+    layer: changing the teacher, the layer or the text (e.g. its normalisation) can never reuse stale states. Files
+    are written atomically, so an interrupted run leaves no half-written entry and several processes may fill the
+    same cache.
+
+    Args:
+        teacher: the :class:`TextTeacher` that computes missing entries.
+        cache_dir: folder of the cache.
+        key: identifies the teacher and layer, e.g. `"bert-base-uncased|layer=-1"`.
+        batch_size: transcripts encoded at once when filling.
+    """
+
+    def __init__(self, teacher: TextTeacher, cache_dir: Union[str, os.PathLike], key: str, batch_size: int = 32):
+        self.teacher = teacher
+        self.folder = os.path.join(os.fspath(cache_dir), _digest(key)[:16])
+        self.batch_size = batch_size
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, "key.txt"), "w", encoding="utf-8") as handle:
+            handle.write(key + "\n")
+
+    def path(self, text: str) -> str:
+        return os.path.join(self.folder, _digest(text)[:32] + ".safetensors")
+
+    def fill(self, texts) -> int:
+        """Compute and store the states of every transcript not cached yet; returns how many were computed."""
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        missing = sorted(t for t in set(texts) if not os.path.exists(self.path(t)))
+        for start in tqdm(range(0, len(missing), self.batch_size), desc="teacher states", disable=not missing):
+            chunk = missing[start : start + self.batch_size]
+            out = self.teacher(chunk)
+            for k, text in enumerate(chunk):
+                n = int(out.attention_mask[k].sum())
+                target = self.path(text)
+                partial = f"{target}.{os.getpid()}.tmp"
+                save_file(
+                    {"states": out.hidden_states[k, :n].contiguous().cpu()},
+                    partial,
+                    metadata={"text": text, "tokens": json.dumps(out.tokens[k])},
+                )
+                os.replace(partial, target)
+        return len(missing)
+
+    def __call__(self, texts: Sequence[str]) -> TeacherOutput:
+        """Padded states of `texts`, as :class:`TextTeacher` returns them (missing entries are computed first)."""
+        from safetensors import safe_open
+
+        self.fill(texts)
+        states, tokens = [], []
+        for text in texts:
+            with safe_open(self.path(text), "pt") as handle:
+                states.append(handle.get_tensor("states"))
+                tokens.append(json.loads(handle.metadata()["tokens"]))
+        width = max((s.shape[0] for s in states), default=0)
+        hidden = torch.zeros(len(states), width, self.teacher.hidden_size)
+        mask = torch.zeros(len(states), width, dtype=torch.long)
+        for k, state in enumerate(states):
+            hidden[k, : state.shape[0]] = state
+            mask[k, : state.shape[0]] = 1
+        return TeacherOutput(hidden_states=hidden, attention_mask=mask, tokens=tokens)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

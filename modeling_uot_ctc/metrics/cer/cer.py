@@ -1,0 +1,34 @@
+"""Character error rate as an `evaluate` module that loads from this folder, offline, on jiwer's own computation.
+
+`evaluate.load("cer")` fetches its module from the Hub, and that module calls a jiwer API that jiwer 4 removed;
+this one is loaded by path: `evaluate.load(modeling_uot_ctc.metrics.CER_PATH)`.
+"""
+
+import datasets
+import evaluate
+import jiwer
+
+_DESCRIPTION = "Corpus-level character error rate, (substitutions + deletions + insertions) / reference characters."
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list[str]`): hypotheses, one per utterance; an empty string is a valid hypothesis.
+    references (`list[str]`): reference transcripts, one per utterance, each with at least one character.
+Returns:
+    `float`: the error rate over the whole corpus (not the mean of per-utterance rates).
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CER(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        return jiwer.process_characters(list(references), list(predictions)).cer

@@ -1,0 +1,713 @@
+#!/usr/bin/env python
+"""Fine-tune a wav2vec 2.0 CTC model with UOT knowledge transfer from a pretrained language model.
+
+A drop-in relative of transformers' `run_speech_recognition_ctc.py`: the same arguments in their transformers 5.x
+spelling, plus a teacher and the transfer settings. Flags, or JSON/YAML files (each overriding the one before)
+followed by flags that override them:
+
+    python run_speech_recognition_uot.py configs/demo.yaml --max_steps 100
+    python run_speech_recognition_uot.py configs/demo.yaml configs/ablation_ot.yaml
+    accelerate launch --num_processes 2 run_speech_recognition_uot.py configs/librispeech_clean100.yaml
+
+Data: a hub dataset (`--dataset_name`), a local `audiofolder` (`--data_dir`), or CSV/JSONL manifests
+(`--train_file`, `--eval_file`) with an audio path column (relative paths are read from the manifest's folder)
+and a text column. Audio is decoded with soundfile and resampled with soxr; torchcodec is not needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import datasets
+import evaluate
+import numpy as np
+import soundfile
+import soxr
+import torch
+import yaml
+from transformers import (
+    AutoFeatureExtractor,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Processor,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
+
+from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+from modeling_uot_ctc.metrics import METRIC_PATHS
+from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
+
+logger = hf_logging.get_logger(__name__)
+
+SAMPLING_RATE = 16_000
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+
+
+@dataclass
+class ModelArguments:
+    """The acoustic model: a pretrained wav2vec 2.0 checkpoint, or an architecture trained from scratch."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Pretrained wav2vec 2.0 (Wav2Vec2Model, Wav2Vec2ForCTC or a UOT model), e.g. "
+                  "facebook/wav2vec2-base. Leave empty to train from scratch with `model_config`."},
+    )
+    model_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "Wav2Vec2Config fields for a model trained from scratch (a JSON string on the command "
+                  "line, a mapping in a config file), e.g. hidden_size, num_hidden_layers, conv_dim."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "An existing CTC tokenizer; default: a character vocabulary built from the data."}
+    )
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads are stored."})
+    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Freeze the convolutional feature encoder."})
+    attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
+    activation_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the feed-forward layers."})
+    feat_proj_dropout: float = field(default=0.0, metadata={"help": "Dropout after the feature projection."})
+    hidden_dropout: float = field(default=0.0, metadata={"help": "Dropout on hidden states."})
+    final_dropout: float = field(default=0.0, metadata={"help": "Dropout before the CTC head."})
+    mask_time_prob: float = field(default=0.05, metadata={"help": "SpecAugment: fraction of time steps masked."})
+    mask_time_length: int = field(default=10, metadata={"help": "SpecAugment: length of each time mask."})
+    mask_feature_prob: float = field(default=0.0, metadata={"help": "SpecAugment: fraction of channels masked."})
+    mask_feature_length: int = field(default=10, metadata={"help": "SpecAugment: length of each channel mask."})
+    layerdrop: float = field(default=0.0, metadata={"help": "Probability of dropping a whole encoder layer."})
+    ctc_loss_reduction: str = field(default="mean", metadata={"help": "'mean' or 'sum' reduction of the CTC loss."})
+    ctc_zero_infinity: bool = field(default=False, metadata={"help": "Zero infinite CTC losses (impossible labels)."})
+    add_adapter: bool = field(default=False, metadata={"help": "Add wav2vec2's convolutional output adapter."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which audio and transcripts to train and evaluate on, and how to clean them."""
+
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A dataset on the hub (or a local script)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Its configuration name."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "A local `audiofolder` (metadata.csv/jsonl)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "A CSV or JSONL manifest for training."})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "A CSV or JSONL manifest for evaluation."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split (`train[:10%]` works)."})
+    eval_split_name: str = field(default="test", metadata={"help": "Evaluation split."})
+    audio_column_name: str = field(default="audio", metadata={"help": "Column with the audio (or its path)."})
+    text_column_name: str = field(default="text", metadata={"help": "Column with the transcript."})
+    chars_to_ignore: Optional[list[str]] = field(
+        default=None, metadata={"help": "Characters removed from transcripts, e.g. , ? . ! - ; : \" % '"}
+    )
+    do_lower_case: bool = field(default=True, metadata={"help": "Lower-case transcripts."})
+    eval_metrics: list[str] = field(default_factory=lambda: ["wer", "cer"], metadata={"help": "'wer' and/or 'cer'."})
+    max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Drop longer utterances."})
+    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop shorter utterances."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    preprocessing_only: bool = field(default=False, metadata={"help": "Preprocess, cache, and stop."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    unk_token: str = field(default="[UNK]", metadata={"help": "Unknown token of a built vocabulary."})
+    pad_token: str = field(default="[PAD]", metadata={"help": "Padding token, also the CTC blank."})
+    word_delimiter_token: str = field(default="|", metadata={"help": "Stands for the space between words."})
+    invalid_data: str = field(
+        default="skip",
+        metadata={"help": "What to do with an unreadable or truncated audio file, an empty transcript, characters "
+                  "outside the vocabulary or a transcript longer than its audio allows: 'skip' (counted, with a "
+                  "warning) or 'error' (stop, naming the file or row)."},
+    )
+    resample: bool = field(
+        default=True,
+        metadata={"help": "Resample audio at another rate to 16 kHz with soxr; when false such audio is invalid."},
+    )
+
+
+@dataclass
+class TransferArguments:
+    """The teacher and the UOT transfer (see Wav2Vec2UOTConfig for the meaning of each setting)."""
+
+    teacher_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "BERT-family teacher, e.g. bert-base-uncased; default the offline MiniLM."}
+    )
+    teacher_layer: int = field(default=-1, metadata={"help": "Teacher layer whose states are used (-1: last)."})
+    teacher_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where teacher states are cached; default $XDG_CACHE_HOME/uot-asr/teacher_states (outside "
+                  "the output folder, which is what gets pushed)."},
+    )
+    teacher_on_the_fly: bool = field(
+        default=False, metadata={"help": "Compute teacher states in each batch instead of caching them once."}
+    )
+    aligner: str = field(default="uot", metadata={"help": "'uot', 'ot' or 'none' (plain CTC)."})
+    alignment_eps: float = field(default=0.1, metadata={"help": "Entropic regularisation of the alignment."})
+    rho_frames: Optional[float] = field(default=1.0, metadata={"help": "Frame-side relaxation (degree of matching)."})
+    rho_tokens: Optional[float] = field(default=None, metadata={"help": "Token-side relaxation; empty = hard."})
+    matching_fraction: Optional[float] = field(
+        default=None, metadata={"help": "rho_frames given as rho / (rho + eps) in (0, 1]."}
+    )
+    temporal_order_weight: float = field(default=0.0, metadata={"help": "Weight of the temporal-order prior."})
+    alignment_max_iter: int = field(default=200, metadata={"help": "Solver iterations per batch at most."})
+    alignment_tol: float = field(default=1e-4, metadata={"help": "Solver tolerance."})
+    alignment_grad_mode: str = field(default="detach", metadata={"help": "'detach' or 'unrolled'."})
+    kt_weight: float = field(default=0.5, metadata={"help": "Weight of the transfer loss."})
+    kt_loss_type: str = field(default="cosine", metadata={"help": "'cosine' or 'cosine+transport'."})
+    kt_warmup_steps: int = field(default=0, metadata={"help": "Optimiser steps of CTC alone first."})
+    kt_adapter: str = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
+    kt_encoder_layer: int = field(default=-1, metadata={"help": "Encoder layer feeding the adapter."})
+
+
+def parse_arguments(argv: list[str]):
+    """Config files (JSON or YAML) first, each overriding the one before, then flags, which override them all."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TransferArguments, TrainingArguments))
+    known = {action.dest for action in parser._actions}
+    from_files = {}
+    while argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        with open(argv[0], encoding="utf-8") as handle:
+            settings = (yaml.safe_load if argv[0].endswith((".yaml", ".yml")) else json.load)(handle) or {}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown arguments {unknown}.")
+        from_files.update(settings)
+        argv = argv[1:]
+    parser.set_defaults(**{k: _as_cli_default(v) for k, v in from_files.items()})
+    model_args, data_args, transfer_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if isinstance(model_args.model_config, str):
+        model_args.model_config = json.loads(model_args.model_config)
+    return model_args, data_args, transfer_args, training_args
+
+
+def _as_cli_default(value):
+    # argparse keeps defaults as given; dict-valued fields are parsed from JSON strings on the command line.
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+class InvalidExample(ValueError):
+    """An example that cannot be used; the message names the file or row."""
+
+
+def load_raw_datasets(
+    data_args: DataTrainingArguments, training_args: TrainingArguments, cache_dir: Optional[str] = None
+) -> datasets.DatasetDict:
+    """Load train and eval splits with their audio left undecoded (bytes or paths), whatever the source."""
+    splits = {}
+    wanted = {"train": training_args.do_train, "eval": training_args.do_eval}
+    if data_args.train_file or data_args.eval_file:
+        files = {"train": data_args.train_file, "eval": data_args.eval_file}
+        for split, path in files.items():
+            if wanted[split] and path:
+                splits[split] = load_manifest(path, data_args)
+    elif data_args.dataset_name or data_args.data_dir:
+        names = {"train": data_args.train_split_name, "eval": data_args.eval_split_name}
+        for split, name in names.items():
+            if not wanted[split]:
+                continue
+            if data_args.dataset_name:
+                splits[split] = datasets.load_dataset(
+                    data_args.dataset_name, data_args.dataset_config_name, split=name, cache_dir=cache_dir
+                )
+            else:
+                splits[split] = load_audiofolder_split(data_args.data_dir, name, data_args)
+    else:
+        raise ValueError("No data: give --dataset_name, --data_dir, or --train_file / --eval_file.")
+    for split, dataset in splits.items():
+        for column in (data_args.audio_column_name, data_args.text_column_name):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"The {split} data has no column {column!r} (columns: {', '.join(dataset.column_names)}); "
+                    f"set --{'audio' if column == data_args.audio_column_name else 'text'}_column_name."
+                )
+        features = dataset.features.get(data_args.audio_column_name)
+        if isinstance(features, datasets.Audio) and features.decode:
+            dataset = dataset.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
+        limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        splits[split] = dataset
+    return datasets.DatasetDict(splits)
+
+
+def load_manifest(path: str, data_args: DataTrainingArguments, audio_column: Optional[str] = None) -> datasets.Dataset:
+    """A CSV or JSONL manifest; relative audio paths are resolved against the manifest's folder."""
+    kind = "csv" if path.endswith(".csv") else "json"
+    dataset = datasets.load_dataset(kind, data_files=path, split="train")
+    root = os.path.dirname(os.path.abspath(path))
+    column = audio_column or data_args.audio_column_name
+    if column in dataset.column_names:
+        dataset = dataset.map(
+            lambda row: {column: row[column] if os.path.isabs(str(row[column])) else os.path.join(root, row[column])}
+        )
+    return dataset
+
+
+def load_audiofolder_split(data_dir: str, split: str, data_args: DataTrainingArguments) -> datasets.Dataset:
+    """One split of an `audiofolder` layout: `<data_dir>/<split>/metadata.csv` (or `.jsonl`) with a `file_name`
+    column next to the audio files.
+
+    Read as a manifest rather than through `datasets`' audiofolder builder, which needs torchcodec even to index
+    the files.
+    """
+    folder = os.path.join(data_dir, split)
+    for name in ("metadata.csv", "metadata.jsonl"):
+        if os.path.isfile(os.path.join(folder, name)):
+            dataset = load_manifest(os.path.join(folder, name), data_args, audio_column="file_name")
+            if data_args.audio_column_name != "file_name":
+                dataset = dataset.rename_column("file_name", data_args.audio_column_name)
+            return dataset
+    raise FileNotFoundError(f"No metadata.csv or metadata.jsonl in {folder} (audiofolder layout: one folder per split).")
+
+
+def decode_audio(value: Any, resample: bool, where: str) -> np.ndarray:
+    """16 kHz mono float32 samples from a path, an undecoded `{path, bytes}` cell or a decoded `{array, ...}` one."""
+    try:
+        if isinstance(value, dict) and value.get("array") is not None:
+            samples, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+        else:
+            source = value
+            if isinstance(value, dict):
+                source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+            samples = samples.mean(axis=1)
+    except (soundfile.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as error:
+        raise InvalidExample(f"{where}: cannot read the audio ({error}).") from error
+    if samples.size == 0:
+        raise InvalidExample(f"{where}: the audio is empty (truncated file?).")
+    if rate != SAMPLING_RATE:
+        if not resample:
+            raise InvalidExample(f"{where}: audio at {rate} Hz, expected {SAMPLING_RATE} Hz (or pass --resample).")
+        samples = soxr.resample(samples, rate, SAMPLING_RATE).astype(np.float32)
+    return samples
+
+
+def normalise_text(text: str, chars_to_ignore: Optional[list[str]], lower: bool) -> str:
+    """Remove ignored characters, optionally lower-case, collapse whitespace."""
+    if chars_to_ignore:
+        text = re.sub("[" + re.escape("".join(chars_to_ignore)) + "]", "", text)
+    if lower:
+        text = text.lower()
+    return " ".join(text.split())
+
+
+def build_tokenizer(raw: datasets.DatasetDict, model_args, data_args, output_dir: str) -> Wav2Vec2CTCTokenizer:
+    """An existing CTC tokenizer, or a character vocabulary of the normalised training and evaluation text."""
+    if model_args.tokenizer_name_or_path:
+        return AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, cache_dir=model_args.cache_dir)
+    characters = set()
+    for dataset in raw.values():
+        for text in dataset["normalised_text"]:
+            characters.update(text)
+    characters.discard(" ")
+    vocab = {data_args.pad_token: 0, data_args.unk_token: 1, data_args.word_delimiter_token: 2}
+    for character in sorted(characters):
+        vocab.setdefault(character, len(vocab))
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_file = os.path.join(output_dir, "vocab.json")
+    with open(vocab_file, "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle, ensure_ascii=False)
+    return Wav2Vec2CTCTokenizer(
+        vocab_file,
+        unk_token=data_args.unk_token,
+        pad_token=data_args.pad_token,
+        word_delimiter_token=data_args.word_delimiter_token,
+        bos_token=None,
+        eos_token=None,
+    )
+
+
+def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, training_args) -> datasets.DatasetDict:
+    """Decode audio, encode labels and check every example; invalid ones stop the run or are skipped and counted."""
+    known = set(tokenizer.get_vocab())
+    delimiter = data_args.word_delimiter_token
+
+    def prepare(row, index):
+        where = _describe_row(row, index, data_args.audio_column_name)
+        try:
+            text = row["normalised_text"]
+            if not text:
+                raise InvalidExample(f"{where}: the transcript is empty after normalisation.")
+            outside = sorted({c for c in text.replace(" ", delimiter) if c not in known})
+            if outside:
+                raise InvalidExample(f"{where}: characters outside the vocabulary: {''.join(outside)!r}.")
+            samples = decode_audio(row[data_args.audio_column_name], data_args.resample, where)
+            labels = tokenizer(text).input_ids
+            frames = frames_for(len(samples))
+            # CTC needs a frame per label, and a blank between two equal neighbours.
+            needed = len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
+            if needed > frames:
+                raise InvalidExample(f"{where}: {len(labels)} labels need {needed} frames, the audio gives {frames}.")
+        except InvalidExample as problem:
+            if data_args.invalid_data == "error":
+                raise
+            empty = np.zeros(0, dtype=np.float32)
+            return {"input_values": empty, "input_length": 0, "labels": [], "invalid": str(problem)}
+        values = feature_extractor(samples, sampling_rate=SAMPLING_RATE).input_values[0]
+        return {"input_values": values, "input_length": len(samples), "labels": labels, "invalid": ""}
+
+    processed = {}
+    for split, dataset in raw.items():
+        keep_columns = {"normalised_text"}
+        with training_args.main_process_first(desc=f"preprocess {split}"):
+            mapped = dataset.map(
+                prepare,
+                with_indices=True,
+                remove_columns=[c for c in dataset.column_names if c not in keep_columns],
+                num_proc=data_args.preprocessing_num_workers,
+                desc=f"preprocess {split}",
+            )
+        problems = [p for p in mapped["invalid"] if p]
+        if problems:
+            logger.warning(
+                f"{split}: skipped {len(problems)} invalid example(s) of {len(mapped)} (--invalid_data skip). "
+                f"First: {problems[0]}"
+            )
+        mapped = mapped.filter(lambda invalid: not invalid, input_columns=["invalid"]).remove_columns("invalid")
+        low, high = data_args.min_duration_in_seconds * SAMPLING_RATE, data_args.max_duration_in_seconds * SAMPLING_RATE
+        before = len(mapped)
+        mapped = mapped.filter(lambda n: low <= n <= high, input_columns=["input_length"])
+        if len(mapped) < before:
+            logger.info(f"{split}: dropped {before - len(mapped)} example(s) outside the duration limits.")
+        if len(mapped) == 0:
+            raise ValueError(f"No usable {split} example is left; see the warnings above.")
+        processed[split] = mapped
+    return datasets.DatasetDict(processed)
+
+
+def _describe_row(row, index, audio_column) -> str:
+    value = row.get(audio_column)
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"row {index}" + (f" ({path})" if path else "")
+
+
+@dataclass
+class DataCollatorCTCWithTeacher:
+    """Pads audio and labels like the upstream CTC collator and adds the teacher's states of each transcript."""
+
+    processor: Wav2Vec2Processor
+    teacher_states: Any  # a TeacherStateCache or a TextTeacher (on the fly), or None for plain CTC
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        audio = [{"input_values": f["input_values"]} for f in features]
+        labels = [{"input_ids": f["labels"]} for f in features]
+        batch = self.processor.feature_extractor.pad(audio, padding=True, return_tensors="pt")
+        label_batch = self.processor.tokenizer.pad(labels, padding=True, return_tensors="pt")
+        batch["labels"] = label_batch["input_ids"].masked_fill(label_batch["attention_mask"].ne(1), -100)
+        if self.teacher_states is not None:
+            teacher = self.teacher_states([f["normalised_text"] for f in features])
+            batch["teacher_hidden_states"] = teacher.hidden_states
+            batch["teacher_attention_mask"] = teacher.attention_mask
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+class UOTTrainer(Trainer):
+    """The Trainer, logging the CTC loss, the transfer loss and the alignment diagnostics separately."""
+
+    LOGGED = ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "mean_frame_mass", "transported_mass")
+
+    def __init__(self, *args, model_card_writer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The losses are per-batch means: the Trainer divides them by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._sums = {}
+        self._model_card_writer = model_card_writer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.accelerator.unwrap_model(model).training_step = self.state.global_step
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        if model.training:
+            for name in self.LOGGED:
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    total, count = self._sums.get(name, (0.0, 0))
+                    self._sums[name] = (total + value.detach().float(), count + 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self._sums:
+            for name, (total, count) in self._sums.items():
+                mean = self.accelerator.reduce(total / count, reduction="mean")
+                logs[name] = round(float(mean), 6)
+            self._sums = {}
+        super().log(logs, start_time)
+
+    def create_model_card(self, *args, **kwargs):
+        if self._model_card_writer is not None and self.is_world_process_zero():
+            self._model_card_writer()
+        elif self._model_card_writer is None:
+            super().create_model_card(*args, **kwargs)
+
+
+def build_compute_metrics(tokenizer, metric_names):
+    metrics = {name: evaluate.load(METRIC_PATHS[name]) for name in metric_names}
+
+    def compute_metrics(prediction):
+        pred_ids = prediction.predictions
+        label_ids = np.where(prediction.label_ids == -100, tokenizer.pad_token_id, prediction.label_ids)
+        predictions = tokenizer.batch_decode(pred_ids)
+        references = tokenizer.batch_decode(label_ids, group_tokens=False)
+        return {name: metric.compute(predictions=predictions, references=references) for name, metric in metrics.items()}
+
+    return compute_metrics
+
+
+def argmax_logits(logits, labels):
+    """Keep only the predicted ids, so that evaluation never stores full logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def build_model(model_args, transfer_args, tokenizer, teacher_hidden_size, teacher_name) -> Wav2Vec2ForCTCWithUOT:
+    settings = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        ctc_loss_reduction=model_args.ctc_loss_reduction,
+        ctc_zero_infinity=model_args.ctc_zero_infinity,
+        attention_dropout=model_args.attention_dropout,
+        activation_dropout=model_args.activation_dropout,
+        feat_proj_dropout=model_args.feat_proj_dropout,
+        hidden_dropout=model_args.hidden_dropout,
+        final_dropout=model_args.final_dropout,
+        mask_time_prob=model_args.mask_time_prob,
+        mask_time_length=model_args.mask_time_length,
+        mask_feature_prob=model_args.mask_feature_prob,
+        mask_feature_length=model_args.mask_feature_length,
+        layerdrop=model_args.layerdrop,
+        add_adapter=model_args.add_adapter,
+        teacher_hidden_size=teacher_hidden_size,
+        teacher_name_or_path=teacher_name,
+        teacher_layer=transfer_args.teacher_layer,
+        **{f.name: getattr(transfer_args, f.name) for f in dataclasses.fields(TransferArguments)
+           if f.name not in {"teacher_name_or_path", "teacher_layer", "teacher_cache_dir", "teacher_on_the_fly"}},
+    )
+    if model_args.model_name_or_path:
+        model = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(model_args.model_name_or_path, **settings)
+    else:
+        model = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(**{**(model_args.model_config or {}), **settings}))
+    if model_args.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    return model
+
+
+def write_model_card(output_dir, model, metrics, data_args, model_args, training_args):
+    """The output folder's README.md: results in model-index form, the UOT settings and the teacher."""
+    config = model.config
+    dataset_name = data_args.dataset_name or data_args.data_dir or data_args.train_file or "custom"
+    results = [
+        {"type": name, "value": round(float(metrics[f"eval_{name}"]), 4), "name": name.upper()}
+        for name in data_args.eval_metrics if f"eval_{name}" in metrics
+    ]
+    model_name = os.path.basename(os.path.normpath(training_args.hub_model_id or output_dir))
+    front_matter = {
+        "library_name": "transformers",
+        "pipeline_tag": "automatic-speech-recognition",
+        "tags": ["automatic-speech-recognition", "ctc", "wav2vec2", "optimal-transport", "knowledge-transfer", "uot-asr"],
+        "base_model": model_args.model_name_or_path,
+        "model-index": [{
+            "name": model_name,
+            "results": [{
+                "task": {"type": "automatic-speech-recognition", "name": "Speech Recognition"},
+                "dataset": {"type": dataset_name, "name": dataset_name, "split": data_args.eval_split_name},
+                "metrics": results,
+            }] if results else [],
+        }],
+    }
+    if not model_args.model_name_or_path:
+        del front_matter["base_model"]
+    settings = {k: getattr(config, k) for k in (
+        "aligner", "alignment_eps", "rho_frames", "rho_tokens", "temporal_order_weight", "kt_weight", "kt_loss_type",
+        "kt_warmup_steps", "kt_adapter", "kt_encoder_layer", "alignment_max_iter", "alignment_tol",
+        "alignment_grad_mode")}
+    rows = "\n".join(f"| `{k}` | {'inf (hard)' if v is None and k.startswith('rho') else v} |" for k, v in settings.items())
+    result_lines = "\n".join(f"- {r['name']}: {r['value']}" for r in results) or "- (not evaluated)"
+    card = f"""---
+{yaml.safe_dump(front_matter, sort_keys=False).strip()}
+---
+
+# {model_name}
+
+A wav2vec 2.0 CTC speech recogniser fine-tuned with unbalanced-optimal-transport (UOT) knowledge transfer from the
+language model `{config.teacher_name_or_path}` (layer {config.teacher_layer}) with uot-asr. The teacher and the
+alignment are used in training only: at inference this is a plain CTC model.
+
+## Results on {dataset_name} ({data_args.eval_split_name})
+
+{result_lines}
+
+## Transfer settings
+
+| setting | value |
+|---|---|
+{rows}
+
+## Use
+
+```python
+from transformers import pipeline
+
+asr = pipeline("automatic-speech-recognition", model="{training_args.hub_model_id or output_dir}", trust_remote_code=True)
+print(asr("speech.wav")["text"])
+```
+"""
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
+
+
+class SyncTrainingStep(TrainerCallback):
+    """Tell the model the optimiser step, for `kt_warmup_steps` (also after resuming from a checkpoint)."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            getattr(model, "module", model).training_step = state.global_step
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None):
+    """Run the recipe; `argv` replaces the command line and `callbacks` are added to the Trainer's."""
+    model_args, data_args, transfer_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    last_checkpoint = find_checkpoint(training_args)
+
+    # 1. Data, with normalised transcripts.
+    raw = load_raw_datasets(data_args, training_args, model_args.cache_dir)
+    raw = raw.map(
+        lambda text: {"normalised_text": normalise_text(text, data_args.chars_to_ignore, data_args.do_lower_case)},
+        input_columns=[data_args.text_column_name],
+        desc="normalise text",
+    )
+
+    # 2. Vocabulary, feature extractor and processor.
+    with training_args.main_process_first(desc="vocabulary"):
+        tokenizer = build_tokenizer(raw, model_args, data_args, training_args.output_dir)
+    feature_extractor = load_feature_extractor(model_args)
+    processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+
+    # 3. The teacher (its width sizes the adapter).
+    teacher = None
+    teacher_name = transfer_args.teacher_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"
+    if transfer_args.aligner != "none" and transfer_args.kt_weight > 0:
+        teacher = TextTeacher(transfer_args.teacher_name_or_path or default_teacher_path(), layer=transfer_args.teacher_layer)
+    teacher_width = teacher.hidden_size if teacher is not None else 1
+
+    # 4. Model.
+    model = build_model(model_args, transfer_args, tokenizer, teacher_width, teacher_name)
+
+    # 5. Audio and labels, checked.
+    frames_for = lambda n: int(model._get_feat_extract_output_lengths(torch.tensor(n)))  # noqa: E731
+    processed = preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, training_args)
+    if data_args.preprocessing_only:
+        processed.save_to_disk(os.path.join(training_args.output_dir, "preprocessed"))
+        logger.info("Preprocessing done; stopping as --preprocessing_only asks.")
+        return None
+
+    # 6. Teacher states: cached once on disk (keyed by teacher, layer and transcript), or computed per batch.
+    teacher_states = None
+    if teacher is not None:
+        if transfer_args.teacher_on_the_fly:
+            teacher_states = teacher
+        else:
+            cache_dir = transfer_args.teacher_cache_dir or default_teacher_cache_dir()
+            teacher_states = TeacherStateCache(teacher, cache_dir, key=f"{teacher_name}|layer={transfer_args.teacher_layer}")
+            with training_args.main_process_first(desc="teacher states"):
+                teacher_states.fill({t for split in processed.values() for t in split["normalised_text"]})
+
+    # 7. Train and evaluate.
+    training_args.remove_unused_columns = False
+    training_args.length_column_name = "input_length"
+    results = {}
+    trainer = UOTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=DataCollatorCTCWithTeacher(processor, teacher_states),
+        train_dataset=processed.get("train"),
+        eval_dataset=processed.get("eval"),
+        processing_class=processor,
+        compute_metrics=build_compute_metrics(tokenizer, data_args.eval_metrics),
+        preprocess_logits_for_metrics=argmax_logits,
+        callbacks=[SyncTrainingStep(), *(callbacks or [])],
+        model_card_writer=lambda: write_model_card(
+            training_args.output_dir, model, results, data_args, model_args, training_args
+        ),
+    )
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        processor.save_pretrained(training_args.output_dir)
+        train_metrics = {**train_result.metrics, "train_samples": len(processed["train"])}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        results.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(processed["eval"])}
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results.update(eval_metrics)
+
+    # 8. Model card, and the Hub.
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        write_model_card(training_args.output_dir, model, results, data_args, model_args, training_args)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return results
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler()])
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    hf_logging.set_verbosity(level)
+    hf_logging.enable_default_handler()
+    hf_logging.enable_explicit_format()
+    logger.info(f"Training arguments: {training_args}")
+
+
+def find_checkpoint(training_args: TrainingArguments) -> Optional[str]:
+    """The last checkpoint in the output folder when training resumes there."""
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}; use another --output_dir to start afresh.")
+    return checkpoint
+
+
+def default_teacher_cache_dir() -> str:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "uot-asr", "teacher_states")
+
+
+def load_feature_extractor(model_args: ModelArguments):
+    if model_args.model_name_or_path:
+        try:
+            return AutoFeatureExtractor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+        except OSError:
+            logger.info("The checkpoint has no feature extractor; using wav2vec 2.0's defaults.")
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""run_speech_recognition_uot.py end to end on a tiny corpus made inside the tests, offline."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import soundfile
+import yaml
+from transformers import TrainerCallback, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, pipeline
+
+import run_speech_recognition_uot as script
+from script_fixtures import SENTENCES, base_arguments, speech_like, write_corpus, write_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return write_teacher(str(tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, teacher, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("run") / "out")
+    results = script.main(base_arguments(corpus, teacher, output_dir))
+    return output_dir, results
+
+
+def test_end_to_end_trains_evaluates_and_serves(trained, teacher):
+    output_dir, results = trained
+    saved = json.load(open(os.path.join(output_dir, "eval_results.json")))
+    assert 0 <= saved["eval_wer"] and 0 <= saved["eval_cer"]
+    assert saved["eval_wer"] == pytest.approx(results["eval_wer"])
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    steps = [entry for entry in history if "loss" in entry and "step" in entry]
+    assert len(steps) == 4
+    for entry in steps:
+        for name in ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass"):
+            assert name in entry
+        assert entry["loss"] == pytest.approx(entry["ctc_loss"] + 0.5 * entry["kt_loss"], rel=1e-4)
+    asr = pipeline("automatic-speech-recognition", model=output_dir, device=-1)
+    audio = speech_like("the air is clean", np.random.default_rng(0))
+    assert isinstance(asr(audio)["text"], str)
+
+    card = open(os.path.join(output_dir, "README.md")).read()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "automatic-speech-recognition"
+    metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["wer"] == pytest.approx(round(saved["eval_wer"], 4))
+    assert metrics["cer"] == pytest.approx(round(saved["eval_cer"], 4))
+    assert teacher in card and "| `rho_frames` | 1.0 |" in card and "| `aligner` | uot |" in card
+    assert not os.path.exists(os.path.join(output_dir, "teacher_cache"))
+
+
+def test_config_file_with_overriding_flags_and_manifests(corpus, teacher, tmp_path):
+    settings = {}
+    flags = base_arguments(corpus, teacher, str(tmp_path / "out"), data_dir=None, max_steps=7)
+    key = None
+    for token in flags:
+        if token.startswith("--"):
+            key = token[2:]
+            settings[key] = True
+        elif isinstance(settings[key], list):
+            settings[key].append(token)
+        elif settings[key] is True:
+            settings[key] = token
+        else:
+            settings[key] = [settings[key], token]
+    settings["model_config"] = json.loads(settings["model_config"])
+    settings.update(train_file=os.path.join(corpus, "train.jsonl"), eval_file=os.path.join(corpus, "test.jsonl"))
+    settings.update(max_steps=7, do_train=True, do_eval=True, use_cpu=True)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    results = script.main([str(config_file), "--max_steps", "2", "--aligner", "ot"])
+    assert results["eval_wer"] >= 0
+    state = json.load(open(tmp_path / "out" / "trainer_state.json"))
+    assert state["global_step"] == 2  # the flag won over the file
+    assert json.load(open(tmp_path / "out" / "config.json"))["aligner"] == "ot"
+    with pytest.raises(ValueError, match="unknown arguments"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"output_dir": str(tmp_path), "not_an_option": 1}))
+        script.main([str(bad)])
+
+
+def test_push_to_hub_delivers_a_loadable_model(corpus, teacher, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        calls.append(("upload_folder", repo_id))
+        ignore = shutil.ignore_patterns(*(ignore_patterns or []))
+        shutil.copytree(folder_path, hub / repo_id, ignore=ignore, dirs_exist_ok=True)
+        return SimpleNamespace(commit_url="fake", oid="0")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda *a, **k: pytest.fail("unexpected commit"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any real call fails at once
+    argv = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=2, push_to_hub=True,
+                          hub_model_id="someone/tiny-uot", hub_token="not-a-token")
+    script.main(argv)
+    delivered = hub / "someone" / "tiny-uot"
+    assert ("create_repo", "someone/tiny-uot") in calls and ("upload_folder", "someone/tiny-uot") in calls
+    for name in ("model.safetensors", "config.json", "vocab.json", "tokenizer_config.json", "README.md",
+                 "modeling_wav2vec2_uot.py", "solver.py"):
+        assert (delivered / name).exists(), name
+    assert "eval_wer" in json.dumps(yaml.safe_load((delivered / "README.md").read_text().split("---")[1])) or (
+        "wer" in (delivered / "README.md").read_text()
+    )
+    asr = pipeline("automatic-speech-recognition", model=str(delivered), trust_remote_code=True, device=-1)
+    assert isinstance(asr(speech_like("open the door", np.random.default_rng(1)))["text"], str)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(corpus, teacher, tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, mask_time_prob=0.3, hidden_dropout=0.1)
+    whole = script.main(base_arguments(corpus, teacher, str(tmp_path / "whole"), **common))
+    script.main(base_arguments(corpus, teacher, str(tmp_path / "parts"), **common), callbacks=[StopAt(3)])
+    assert os.path.isdir(tmp_path / "parts" / "checkpoint-3")
+    resumed = script.main(base_arguments(corpus, teacher, str(tmp_path / "parts"), **common))
+
+    def last_loss(folder):
+        history = json.load(open(folder / "trainer_state.json"))["log_history"]
+        return [e for e in history if "loss" in e and "step" in e][-1]
+
+    a, b = last_loss(tmp_path / "whole"), last_loss(tmp_path / "parts")
+    assert a["step"] == b["step"] == 6
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert resumed["eval_wer"] == pytest.approx(whole["eval_wer"])
+
+
+def test_accelerate_launch_with_two_cpu_processes(corpus, teacher, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=3)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", str(port),
+               os.path.join(REPO, "run_speech_recognition_uot.py"), *argv]
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = json.load(open(tmp_path / "out" / "trainer_state.json"))
+    assert state["global_step"] == 3
+    assert "eval_wer" in json.load(open(tmp_path / "out" / "eval_results.json"))
+
+
+# Bad input: each case stops with a message naming the row or file, or is skipped and counted.
+
+
+def write_wav(path, samples, rate=16_000):
+    soundfile.write(path, samples, rate)
+    return str(path)
+
+
+def raw_split(rows):
+    return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+
+def run_preprocess(rows, invalid_data, tokenizer=None, resample=True):
+    data_args = script.DataTrainingArguments(invalid_data=invalid_data, resample=resample, max_duration_in_seconds=30)
+    raw = raw_split(rows).map(lambda r: {"normalised_text": script.normalise_text(r["text"], [".", ","], True)})
+    if tokenizer is None:
+        tokenizer = build_char_tokenizer()
+    extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    training_args = script.TrainingArguments(output_dir="unused", report_to="none")
+    frames_for = lambda n: n // 320  # noqa: E731  (50 frames a second)
+    return script.preprocess(raw, tokenizer, extractor, frames_for, data_args, training_args)
+
+
+def build_char_tokenizer(characters="abcdefghijklmnopqrstuvwxyz'", folder=None):
+    import tempfile
+
+    folder = folder or tempfile.mkdtemp()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, **{c: i + 3 for i, c in enumerate(characters)}}
+    path = os.path.join(folder, "vocab.json")
+    json.dump(vocab, open(path, "w"))
+    return Wav2Vec2CTCTokenizer(path, unk_token="[UNK]", pad_token="[PAD]", word_delimiter_token="|",
+                                bos_token=None, eos_token=None)
+
+
+@pytest.fixture
+def good_row(tmp_path):
+    audio = speech_like("the cat sat down", np.random.default_rng(2))
+    return {"audio": write_wav(tmp_path / "good.wav", audio), "text": "The cat sat down."}
+
+
+def bad_rows(tmp_path):
+    truncated = tmp_path / "truncated.wav"
+    write_wav(truncated, np.zeros(16000, dtype=np.float32))
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not audio at all")
+    return {
+        "unreadable": ({"audio": str(garbage), "text": "open the door"}, "garbage.wav"),
+        "truncated": ({"audio": str(truncated), "text": "open the door"}, "truncated.wav"),
+        "empty transcript": ({"audio": write_wav(tmp_path / "e.wav", np.ones(8000, np.float32) * 0.1), "text": " .,"},
+                             "e.wav"),
+        "outside vocabulary": ({"audio": write_wav(tmp_path / "o.wav", np.ones(16000, np.float32) * 0.1),
+                                "text": "naïve café"}, "o.wav"),
+        "label longer than audio": ({"audio": write_wav(tmp_path / "s.wav", np.ones(1600, np.float32) * 0.1),
+                                     "text": "a very long transcript for a tenth of a second"}, "s.wav"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unreadable", "truncated", "empty transcript", "outside vocabulary",
+                                  "label longer than audio"])
+def test_bad_input_errors_name_the_file(case, tmp_path, good_row):
+    row, name = bad_rows(tmp_path)[case]
+    with pytest.raises(script.InvalidExample, match=name):
+        run_preprocess([good_row, row], invalid_data="error")
+
+
+@pytest.mark.parametrize("case", ["unreadable", "truncated", "empty transcript", "outside vocabulary",
+                                  "label longer than audio"])
+def test_bad_input_is_skipped_and_counted(case, tmp_path, good_row, caplog):
+    row, name = bad_rows(tmp_path)[case]
+    with caplog.at_level("WARNING"):
+        processed = run_preprocess([good_row, row, good_row], invalid_data="skip")
+    assert len(processed["train"]) == 2
+    assert "skipped 1 invalid example(s) of 3" in caplog.text and name in caplog.text
+
+
+def test_wrong_sample_rate_is_resampled_or_rejected(tmp_path):
+    rate = 8_000
+    tone = np.sin(2 * np.pi * 440 * np.arange(rate) / rate).astype(np.float32)
+    row = {"audio": write_wav(tmp_path / "8k.wav", tone, rate), "text": "open the door"}
+    processed = run_preprocess([row], invalid_data="error")
+    assert processed["train"][0]["input_length"] == 16_000  # one second, now at 16 kHz
+    with pytest.raises(script.InvalidExample, match="8k.wav.*8000 Hz"):
+        run_preprocess([row], invalid_data="error", resample=False)
+
+
+def test_missing_column_is_named(corpus, teacher, tmp_path):
+    argv = base_arguments(corpus, teacher, str(tmp_path / "out"), text_column_name="sentence")
+    with pytest.raises(ValueError, match="no column 'sentence'.*text"):
+        script.main(argv)
+
+
+def test_full_run_survives_a_bad_file(corpus, teacher, tmp_path):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    (broken / "train" / "train_000.wav").write_bytes(b"RIFF\x00\x00")
+    results = script.main(base_arguments(str(broken), teacher, str(tmp_path / "out"), max_steps=2))
+    assert results["train_samples"] == 7
+
+
+# Teacher states cache.
+
+
+def test_teacher_cache_is_keyed_by_teacher_layer_and_text(teacher, tmp_path):
+    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
+
+    last, first = TextTeacher(teacher, layer=-1), TextTeacher(teacher, layer=1)
+    cache_last = TeacherStateCache(last, tmp_path, key=f"{teacher}|layer=-1")
+    cache_first = TeacherStateCache(first, tmp_path, key=f"{teacher}|layer=1")
+    assert cache_last.folder != cache_first.folder
+    assert cache_last.fill(SENTENCES[:3]) == 3 and cache_last.fill(SENTENCES[:3]) == 0
+    from_cache = cache_last(SENTENCES[:3])
+    direct = last(SENTENCES[:3])
+    np.testing.assert_allclose(from_cache.hidden_states.numpy(), direct.hidden_states.numpy(), atol=1e-6)
+    assert from_cache.tokens == direct.tokens
+    assert cache_last.path("the air is clean") != cache_last.path("The air is clean.")
+    assert not np.allclose(cache_first(SENTENCES[:1]).hidden_states.numpy(), from_cache.hidden_states[:1].numpy())
