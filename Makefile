@@ -24,8 +24,11 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
+# Timings are noisy on shared machines: each script alternates its variants and prints ratios from one run.
 bench: install
 	$(BIN)/python benchmarks/bench_uot.py
+	$(BIN)/python benchmarks/bench_train_step.py
+	$(BIN)/python benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -59,7 +59,8 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             Inner width of the `"mlp"` adapter; defaults to `teacher_hidden_size`.
         kt_encoder_layer (`int`, *optional*, defaults to -1):
             Which encoder output feeds the adapter, as an index into the encoder's hidden states (0: the projected
-            features before the first layer, -1: the last layer, the one the CTC head reads).
+            features before the first layer, -1: the last layer, the one the CTC head reads). Other values than -1
+            need `layerdrop=0` in training and `add_adapter=False`.
         teacher_hidden_size (`int`, *optional*, defaults to 384):
             Width `D_t` of the teacher's states (384 for all-MiniLM-L6-v2, 768 for bert-base).
         teacher_name_or_path (`str`, *optional*, defaults to `""`):
@@ -131,6 +132,11 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             raise ValueError(
                 f"`teacher_hidden_size` must be the width of the teacher's states (e.g. 384 for all-MiniLM-L6-v2, "
                 f"768 for bert-base), got {teacher_hidden_size!r}."
+            )
+        if kt_encoder_layer != -1 and self.add_adapter:
+            raise ValueError(
+                "kt_encoder_layer must be -1 (the output) when add_adapter=True: inner layers are not downsampled by "
+                "wav2vec2's output adapter, so their frames would not match the attention mask."
             )
         self.aligner = aligner
         self.alignment_eps = float(alignment_eps)

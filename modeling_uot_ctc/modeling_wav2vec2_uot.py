@@ -45,8 +45,11 @@ class Wav2Vec2UOTOutput(ModelOutput):
             As in `Wav2Vec2ForCTC`, when asked for.
     """
 
+    # The parent's fields first, in its order, so that tuple outputs start as Wav2Vec2ForCTC's do.
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
     ctc_loss: Optional[torch.FloatTensor] = None
     kt_loss: Optional[torch.FloatTensor] = None
     alignments: Optional[torch.FloatTensor] = None
@@ -54,8 +57,6 @@ class Wav2Vec2UOTOutput(ModelOutput):
     dropped_frame_fraction: Optional[torch.FloatTensor] = None
     mean_frame_mass: Optional[torch.FloatTensor] = None
     transported_mass: Optional[torch.FloatTensor] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
 class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
@@ -68,8 +69,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
 
     config_class = Wav2Vec2UOTConfig
 
-    def __init__(self, config: Wav2Vec2UOTConfig):
-        super().__init__(config)
+    def __init__(self, config: Wav2Vec2UOTConfig, target_lang: Optional[str] = None):
+        super().__init__(config, target_lang=target_lang)
         acoustic_size = config.output_hidden_size if config.add_adapter else config.hidden_size
         if config.kt_adapter == "linear":
             self.kt_adapter = nn.Linear(acoustic_size, config.teacher_hidden_size)
@@ -149,7 +150,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             output_alignments (`bool`, *optional*, defaults to `False`):
                 Return the transport plans in `alignments`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and labels.max() >= self.config.vocab_size:
             raise ValueError(
                 f"Label ids must be below vocab_size={self.config.vocab_size}, got {int(labels.max())}: the labels "
@@ -157,6 +158,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             )
         run_transfer = self._transfer_enabled(teacher_hidden_states)
         tap_layer = self.config.kt_encoder_layer
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         need_hidden = bool(output_hidden_states) or (run_transfer and tap_layer != -1)
 
         outputs = self.wav2vec2(
@@ -165,13 +168,14 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             output_attentions=output_attentions,
             output_hidden_states=need_hidden,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(self.dropout(hidden_states))
 
         ctc_loss = None
         if labels is not None:
-            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask, **kwargs)
+            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask)
 
         kt_loss = plans = diagnostics = None
         if run_transfer:
@@ -210,24 +214,36 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 f"Teacher states have width {teacher_hidden_states.shape[-1]} but config.teacher_hidden_size is "
                 f"{config.teacher_hidden_size}: build the model with the teacher's hidden size."
             )
+        if self.training and config.kt_encoder_layer != -1 and config.layerdrop > 0:
+            raise ValueError(
+                f"kt_encoder_layer={config.kt_encoder_layer} needs layerdrop=0 in training: a dropped layer leaves no "
+                "hidden state, so the tapped layer would shift from step to step. Set layerdrop=0 or tap the last "
+                "layer (kt_encoder_layer=-1)."
+            )
         warming_up = self.training_step is not None and self.training_step < config.kt_warmup_steps
         return not warming_up
 
-    def _ctc_loss(self, logits, labels, input_values, attention_mask, **kwargs):
-        # The same call as Wav2Vec2ForCTC.forward, so that CTC training is bit for bit the parent's.
+    def _ctc_loss(self, logits, labels, input_values, attention_mask):
+        # Wav2Vec2ForCTC's own formula, written out: transformers releases route the parent's loss differently
+        # (5.24 resolves it from the class name, 5.17 does not), and this model must match the parent on all.
         attention_mask = (
             attention_mask if attention_mask is not None else torch.ones_like(input_values, dtype=torch.long)
         )
         input_lengths = self._get_feat_extract_output_lengths(attention_mask.sum(-1)).to(torch.long)
-        return self.loss_function(
-            logits=logits,
-            labels=labels,
-            logit_lengths=input_lengths,
-            blank_token_id=self.config.pad_token_id,
-            reduction=self.config.ctc_loss_reduction,
-            zero_infinity=self.config.ctc_zero_infinity,
-            **kwargs,
-        )
+        labels_mask = labels >= 0
+        target_lengths = labels_mask.sum(-1)
+        flattened_targets = labels.masked_select(labels_mask)
+        log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        with torch.backends.cudnn.flags(enabled=False):
+            return nn.functional.ctc_loss(
+                log_probs,
+                flattened_targets,
+                input_lengths,
+                target_lengths,
+                blank=self.config.pad_token_id,
+                reduction=self.config.ctc_loss_reduction,
+                zero_infinity=self.config.ctc_zero_infinity,
+            )
 
     def _frame_mask(self, n_frames: int, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if attention_mask is None:
@@ -249,27 +265,32 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.device, frames.dtype), 0.0)
         cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
         result = ALIGNERS[self.config.aligner](cost, frame_mask, token_mask, **self.config.solver_settings)
-        plans = result.plan.to(frames.dtype)
 
-        # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
-        token_mass = plans.sum(1)  # (B, N)
-        pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-12)[:, :, None]
-        distance = 1.0 - (
-            nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(teacher_states, dim=-1, eps=1e-8)
-        ).sum(-1)
-        n_tokens = token_mask.sum(-1)
-        per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
-        if self.config.kt_loss_type == "cosine+transport":
-            per_example = per_example + (cost * plans).sum((1, 2))
-        has_tokens = (n_tokens > 0) & frame_mask.any(-1)
-        kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+        # The pooling and the loss run in float32 whatever the training precision: plan entries are about
+        # 1 / (T N) and token masses can be 0, both beyond what float16 holds.
+        with torch.autocast(device_type=frames.device.type, enabled=False):
+            plans = result.plan.float()
+            frames, teacher_states, cost = frames.float(), teacher_states.float(), cost.float()
+            # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
+            token_mass = plans.sum(1)  # (B, N)
+            pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-30)[:, :, None]
+            similarity = nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(
+                teacher_states, dim=-1, eps=1e-8
+            )
+            distance = 1.0 - similarity.sum(-1)
+            n_tokens = token_mask.sum(-1)
+            per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
+            if self.config.kt_loss_type == "cosine+transport":
+                per_example = per_example + (cost * plans).sum((1, 2))
+            has_tokens = (n_tokens > 0) & frame_mask.any(-1)
+            kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
         stats = alignment_diagnostics(result.plan, frame_mask, token_mask)
         diagnostics = dict(
             token_coverage=stats.token_coverage.nanmean(),
             dropped_frame_fraction=stats.dropped_frame_fraction.nanmean(),
             mean_frame_mass=stats.mean_frame_mass.nanmean(),
-            transported_mass=stats.total_mass.mean(),
+            transported_mass=stats.total_mass[has_tokens].mean(),
         )
         return kt_loss, plans, diagnostics
 

@@ -365,8 +365,11 @@ class _Problem:
         if w_order > 0:
             penalty = temporal_order_penalty(token_mask, frame_mask, dtype)  # symmetric: this is its transpose
             log_kernel = _op(torch.add, log_kernel, inplace, penalty, alpha=w_order)
-        low, high = torch.aminmax(log_kernel.detach())  # padding holds 0 here: the spread can only be overstated
-        self.cost_spread = float(high - low)
+        if log_kernel.numel():
+            low, high = torch.aminmax(log_kernel.detach())  # padding holds 0 here: the spread can only be overstated
+            self.cost_spread = float(high - low)
+        else:
+            self.cost_spread = 0.0
         self.max_shift = self.cost_spread + self.eps
         log_frame_mask = torch.zeros_like(self.log_a).masked_fill_(~frame_mask, -INF)
         log_token_mask = torch.zeros_like(self.log_b).masked_fill_(~token_mask, -INF)
@@ -626,10 +629,13 @@ def _iterate_scaling(problem: _Problem, max_iter, tol, translation_invariant, ch
         # Finished examples are recorded at once and leave the sub-batch once half of it has finished: removing them
         # copies three kernel-sized tensors, worth it only when it saves much work (and lingering examples come to
         # no harm from further iterations).
-        newly = (moved < tol) & ~done
+        alive_rows, alive_cols = row_mass > dead_mass, st["v"] * ktu > dead_mass
+        largest = torch.maximum((st["log_u"].abs() * alive_rows).amax(-1), (st["log_v"].abs() * alive_cols).amax(-1))
+        # A scaling held at the clamp moves nothing and so reads as converged; only a fresh kernel can tell.
+        needs_rebuild = largest > bound / 2
+        newly = (moved < tol) & ~needs_rebuild & ~done
         running = index[~done]
         error[running], n_iter[running] = moved[~done], it
-        alive_rows, alive_cols = row_mass > dead_mass, st["v"] * ktu > dead_mass
         if bool(newly.any()):
             record(newly)
             converged[index[newly]] = True
@@ -638,9 +644,8 @@ def _iterate_scaling(problem: _Problem, max_iter, tol, translation_invariant, ch
                 keep = ~done
                 index = index[keep]
                 st = {k: v[keep] for k, v in st.items()}
-                alive_rows, alive_cols, done = alive_rows[keep], alive_cols[keep], done[keep]
-        largest = torch.maximum((st["log_u"].abs() * alive_rows).amax(-1), (st["log_v"].abs() * alive_cols).amax(-1))
-        if bool((largest[~done] > bound / 2).any()):
+                needs_rebuild, done = needs_rebuild[keep], done[keep]
+        if bool((needs_rebuild & ~done).any()):
             rebuild()
     record(~done)
     return out_f, out_g, n_iter, converged, error

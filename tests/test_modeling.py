@@ -176,6 +176,42 @@ def test_each_example_in_a_padded_batch_scores_as_alone(kt_loss_type):
     torch.testing.assert_close(together.kt_loss, torch.stack([o.kt_loss for o in alone]).mean(), rtol=0, atol=1e-5)
 
 
+def test_half_precision_training_gives_finite_losses_with_padded_teachers():
+    torch.manual_seed(6)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config()).train()
+    batch = make_batch(token_counts=(5, 3, 4))  # padded teacher positions
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.kt_loss)
+    frames = torch.randn(3, 20, 16).half()
+    kt_loss, _, _ = model.half()._transfer_loss(
+        frames, None, batch["teacher_hidden_states"].half(), batch["teacher_attention_mask"]
+    )
+    assert torch.isfinite(kt_loss) and kt_loss.dtype == torch.float32
+
+
+def test_drop_in_for_the_parent_with_config_flags():
+    torch.manual_seed(7)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(output_hidden_states=True)).eval()
+    batch = without_teacher(make_batch())
+    ours, theirs = model(**batch), plain_twin(model)(**batch)
+    assert ours.hidden_states is not None and len(ours.hidden_states) == len(theirs.hidden_states)
+    as_tuple = model(**batch, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], theirs.loss)
+    torch.testing.assert_close(as_tuple[1], theirs.logits)
+    assert isinstance(as_tuple[2], tuple)  # hidden states third, as in Wav2Vec2ForCTC
+
+
+def test_inner_layer_tap_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="add_adapter"):
+        tiny_config(kt_encoder_layer=1, add_adapter=True)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_encoder_layer=1, layerdrop=0.5)).train()
+    with pytest.raises(ValueError, match="layerdrop"):
+        model(**make_batch())
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_encoder_layer=1)).train()
+    assert model(**make_batch()).kt_loss is not None
+
+
 def test_warmup_waits_for_the_training_step():
     model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_warmup_steps=10)).eval()
     batch = make_batch()
@@ -245,11 +281,9 @@ def test_conversion_from_plain_wav2vec2_keeps_every_encoder_weight(source, tmp_p
         converted = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(str(tmp_path), teacher_hidden_size=TEACHER_WIDTH)
     assert isinstance(converted.config, Wav2Vec2UOTConfig) and converted.config.teacher_hidden_size == TEACHER_WIDTH
     ours = converted.state_dict()
-    prefix = "" if source == "base_folder" else "wav2vec2."
     for key, value in plain.state_dict().items():
         assert torch.equal(ours[key if source != "base_folder" else "wav2vec2." + key], value), key
     assert converted.kt_adapter.weight.shape == (TEACHER_WIDTH, 16)
-    assert prefix in ("", "wav2vec2.")
 
 
 def save_asr_folder(model, folder):
