@@ -131,6 +131,16 @@ class DataTrainingArguments:
         default=True,
         metadata={"help": "Resample audio at another rate to 16 kHz with soxr; when false such audio is invalid."},
     )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of reusing its cache."})
+    token: Optional[str] = field(
+        default=None, metadata={"help": "Hub token for private datasets and models (default: the stored login)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow hub tokenizers or feature extractors that ship their own code."}
+    )
+    phoneme_language: Optional[str] = field(
+        default=None, metadata={"help": "Phoneme targets, as upstream; not supported here (an error says so)."}
+    )
 
 
 @dataclass
@@ -217,7 +227,8 @@ def load_raw_datasets(
                 continue
             if data_args.dataset_name:
                 splits[split] = datasets.load_dataset(
-                    data_args.dataset_name, data_args.dataset_config_name, split=name, cache_dir=cache_dir
+                    data_args.dataset_name, data_args.dataset_config_name, split=name, cache_dir=cache_dir,
+                    token=data_args.token,
                 )
             else:
                 splits[split] = load_audiofolder_split(data_args.data_dir, name, data_args)
@@ -304,7 +315,10 @@ def normalise_text(text: str, chars_to_ignore: Optional[list[str]], lower: bool)
 def build_tokenizer(raw: datasets.DatasetDict, model_args, data_args, output_dir: str) -> Wav2Vec2CTCTokenizer:
     """An existing CTC tokenizer, or a character vocabulary of the normalised training and evaluation text."""
     if model_args.tokenizer_name_or_path:
-        return AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, cache_dir=model_args.cache_dir)
+        return AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name_or_path, cache_dir=model_args.cache_dir, token=data_args.token,
+            trust_remote_code=data_args.trust_remote_code,
+        )
     characters = set()
     for dataset in raw.values():
         for text in dataset["normalised_text"]:
@@ -363,6 +377,7 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
             mapped = dataset.map(
                 prepare,
                 with_indices=True,
+                load_from_cache_file=not data_args.overwrite_cache,
                 remove_columns=[c for c in dataset.column_names if c not in keep_columns],
                 num_proc=data_args.preprocessing_num_workers,
                 desc=f"preprocess {split}",
@@ -582,6 +597,8 @@ class SyncTrainingStep(TrainerCallback):
 def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None):
     """Run the recipe; `argv` replaces the command line and `callbacks` are added to the Trainer's."""
     model_args, data_args, transfer_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    if data_args.phoneme_language:
+        raise NotImplementedError("Phoneme targets (--phoneme_language) are not supported: use character targets.")
     setup_logging(training_args)
     set_seed(training_args.seed)
     last_checkpoint = find_checkpoint(training_args)
@@ -597,7 +614,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     # 2. Vocabulary, feature extractor and processor.
     with training_args.main_process_first(desc="vocabulary"):
         tokenizer = build_tokenizer(raw, model_args, data_args, training_args.output_dir)
-    feature_extractor = load_feature_extractor(model_args)
+    feature_extractor = load_feature_extractor(model_args, data_args)
     processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
     # 3. The teacher (its width sizes the adapter).
@@ -698,10 +715,13 @@ def default_teacher_cache_dir() -> str:
     return os.path.join(cache_home, "uot-asr", "teacher_states")
 
 
-def load_feature_extractor(model_args: ModelArguments):
+def load_feature_extractor(model_args: ModelArguments, data_args: DataTrainingArguments):
     if model_args.model_name_or_path:
         try:
-            return AutoFeatureExtractor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+            return AutoFeatureExtractor.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=data_args.token,
+                trust_remote_code=data_args.trust_remote_code,
+            )
         except OSError:
             logger.info("The checkpoint has no feature extractor; using wav2vec 2.0's defaults.")
     return Wav2Vec2FeatureExtractor(

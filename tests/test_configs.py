@@ -63,7 +63,7 @@ def test_realistic_config_builds_with_stand_ins(name, stand_ins, tmp_path):
     model = script.build_model(model_args, transfer_args, tokenizer, teacher.hidden_size, "stand-in")
     assert model.config.teacher_hidden_size == 24 and model.config.rho_frames == transfer_args.rho_frames
     assert model.config.vocab_size == len(tokenizer)
-    extractor = script.load_feature_extractor(model_args)
+    extractor = script.load_feature_extractor(model_args, data_args)
     processor = script.Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
     audio = speech_like("the air is clean", np.random.default_rng(0))
     feature = {"input_values": extractor(audio, sampling_rate=16_000).input_values[0],
