@@ -329,7 +329,6 @@ class _Problem:
     def __init__(self, cost, frame_mask, token_mask, frame_weights, token_weights, eps, rho_frames, rho_tokens, w_order):
         batch, n_frames, n_tokens = cost.shape
         dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
-        self.cost = cost
         self.eps = float(eps)
         self.rho_frames, self.rho_tokens = float(rho_frames), float(rho_tokens)
         self.kappa_frames, self.kappa_tokens = _kappa(self.rho_frames, eps), _kappa(self.rho_tokens, eps)

@@ -1,7 +1,8 @@
 """Character error rate as an `evaluate` module that loads from this folder, offline, on jiwer's own computation.
 
 `evaluate.load("cer")` fetches its module from the Hub, and that module calls a jiwer API that jiwer 4 removed;
-this one is loaded by path: `evaluate.load(modeling_uot_ctc.metrics.CER_PATH)`.
+this one is loaded by path (it is deliberately self-contained, like its twin: `evaluate` copies a module's file
+on its own, so the two cannot share code): `evaluate.load(modeling_uot_ctc.metrics.CER_PATH)`.
 """
 
 import datasets
