@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Any other torch request pulls a multi-GB CUDA build on the machines this project is developed on.
 TORCH := torch==2.13.0
 
-.PHONY: install test test-slow bench clean
+.PHONY: install test test-slow demo bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The demo adds TensorBoard and WordNet's example sentences (Debian's wordnet-base; the machine's own package manager).
+$(BIN)/.demo-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[demo]" "$(TORCH)"
+	test -f /usr/share/wordnet/data.noun || (apt-get update -q && apt-get install -y -q wordnet-base)
+	touch $@
+
+demo: $(BIN)/.demo-installed
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/run_demo.py
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
