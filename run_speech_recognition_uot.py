@@ -432,7 +432,7 @@ class DataCollatorCTCWithTeacher:
 class UOTTrainer(Trainer):
     """The Trainer, logging the CTC loss, the transfer loss and the alignment diagnostics separately."""
 
-    LOGGED = ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "mean_frame_mass", "transported_mass")
+    LOGGED = ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass")
 
     def __init__(self, *args, model_card_writer=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -442,6 +442,7 @@ class UOTTrainer(Trainer):
         self._model_card_writer = model_card_writer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The optimiser step, for `kt_warmup_steps` (restored with the state when resuming).
         self.accelerator.unwrap_model(model).training_step = self.state.global_step
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if model.training:
@@ -583,14 +584,6 @@ print(asr("speech.wav")["text"])
         handle.write(card)
 
 
-class SyncTrainingStep(TrainerCallback):
-    """Tell the model the optimiser step, for `kt_warmup_steps` (also after resuming from a checkpoint)."""
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            getattr(model, "module", model).training_step = state.global_step
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -659,7 +652,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         processing_class=processor,
         compute_metrics=build_compute_metrics(tokenizer, data_args.eval_metrics),
         preprocess_logits_for_metrics=argmax_logits,
-        callbacks=[SyncTrainingStep(), *(callbacks or [])],
+        callbacks=callbacks,
         model_card_writer=lambda: write_model_card(
             training_args.output_dir, model, results, data_args, model_args, training_args
         ),
@@ -668,7 +661,6 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        processor.save_pretrained(training_args.output_dir)
         train_metrics = {**train_result.metrics, "train_samples": len(processed["train"])}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)

@@ -77,7 +77,6 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         "alignments",
         "token_coverage",
         "dropped_frame_fraction",
-        "mean_frame_mass",
         "transported_mass",
         "hidden_states",
         "attentions",

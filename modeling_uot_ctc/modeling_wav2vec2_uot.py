@@ -38,9 +38,10 @@ class Wav2Vec2UOTOutput(ModelOutput):
             example thus weighs the same whatever its length or the batch's padding.
         alignments (`torch.FloatTensor` of shape `(batch_size, frames, tokens)`, *optional*):
             The transport plans, when `output_alignments=True` and the transfer ran; zero on padding.
-        token_coverage, dropped_frame_fraction, mean_frame_mass, transported_mass (`torch.FloatTensor` of shape
-        `()`, *optional*):
+        token_coverage, dropped_frame_fraction, transported_mass (`torch.FloatTensor` of shape `()`, *optional*):
             Batch means of the detection diagnostics of the plans (see `modeling_uot_ctc.diagnostics`), detached.
+            (The mean normalised frame mass is not repeated: with uniform frame weights it is the transported
+            mass.)
         hidden_states, attentions:
             As in `Wav2Vec2ForCTC`, when asked for.
     """
@@ -55,7 +56,6 @@ class Wav2Vec2UOTOutput(ModelOutput):
     alignments: Optional[torch.FloatTensor] = None
     token_coverage: Optional[torch.FloatTensor] = None
     dropped_frame_fraction: Optional[torch.FloatTensor] = None
-    mean_frame_mass: Optional[torch.FloatTensor] = None
     transported_mass: Optional[torch.FloatTensor] = None
 
 
@@ -289,7 +289,6 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         diagnostics = dict(
             token_coverage=stats.token_coverage.nanmean(),
             dropped_frame_fraction=stats.dropped_frame_fraction.nanmean(),
-            mean_frame_mass=stats.mean_frame_mass.nanmean(),
             transported_mass=stats.total_mass[has_tokens].mean(),
         )
         return kt_loss, plans, diagnostics

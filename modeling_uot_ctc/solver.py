@@ -656,7 +656,6 @@ class _SubProblem(_Problem):
     def __init__(self, problem: _Problem, state: dict):
         self.eps = problem.eps
         self.kappa_frames, self.kappa_tokens = problem.kappa_frames, problem.kappa_tokens
-        self.max_shift = problem.max_shift
         self.log_kernel, self.log_a, self.log_b = state["log_kernel"], state["log_a"], state["log_b"]
         self.frame_mask, self.token_mask = state["frame_mask"], state["token_mask"]
 
