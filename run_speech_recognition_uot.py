@@ -461,11 +461,32 @@ class UOTTrainer(Trainer):
             self._sums = {}
         super().log(logs, start_time)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if logits is not None and inputs.get("attention_mask") is not None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            first = logits[0] if isinstance(logits, tuple) else logits
+            first = blank_padding_frames(first, inputs["attention_mask"], unwrapped)
+            logits = (first, *logits[1:]) if isinstance(logits, tuple) else first
+        return loss, logits, labels
+
     def create_model_card(self, *args, **kwargs):
         if self._model_card_writer is not None and self.is_world_process_zero():
             self._model_card_writer()
         elif self._model_card_writer is None:
             super().create_model_card(*args, **kwargs)
+
+
+def blank_padding_frames(logits: torch.Tensor, attention_mask: torch.Tensor, model) -> torch.Tensor:
+    """Make the frames past each utterance's end predict the blank (CTC decoding drops it).
+
+    In a padded batch those frames can emit characters that the utterance decoded on its own would not have, so a
+    batched evaluation would score differently from the pipeline.
+    """
+    valid = model._get_feature_vector_attention_mask(logits.shape[1], attention_mask).bool()
+    blank = torch.full_like(logits, torch.finfo(logits.dtype).min)
+    blank[..., model.config.pad_token_id] = 0
+    return torch.where(valid[:, :, None], logits, blank)
 
 
 def build_compute_metrics(tokenizer, metric_names):

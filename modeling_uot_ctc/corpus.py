@@ -1,6 +1,7 @@
 """Build an offline English speech corpus: real sentences spoken by espeak-ng, with word timings.
 
     python -m modeling_uot_ctc.corpus --output data/demo_corpus --utterances 3000 --seed 0
+    python -m modeling_uot_ctc.corpus --pad-from data/demo_corpus --output data/demo_corpus_padded --seed 0
 
 Sentences: the example sentences quoted in WordNet 3.0's glosses ("I can breathe better when the air is clean"),
 read from Debian's `wordnet-base` files (WordNet 3.0 licence: free use, copy and distribution with its notice), or
@@ -9,7 +10,8 @@ PyPI wheel `espeakng-loader` (no system package), with several accents, voice va
 library's word events give each word's start time. Output: an `audiofolder` layout, `<output>/<split>/` with 16 kHz
 mono WAV files and a `metadata.csv` (`file_name`, `text`, `voice`, `speed`, `pitch`, `seen_voice`, `words`: JSON
 `[[word, start_s, end_s], ...]`). Splits never share a sentence; part of the test split is spoken by voice variants
-that training never hears. The same seed gives the same files.
+that training never hears. The same seed gives the same files. `--pad-from` copies a corpus with silence or noise
+around each utterance (`pad_corpus`), the harder regime of the experiments.
 """
 
 from __future__ import annotations
@@ -253,6 +255,64 @@ def _row(utterance: Utterance, words) -> dict:
     }
 
 
+def pad_corpus(
+    source: str,
+    output: str,
+    seed: int = 0,
+    pad_seconds: tuple = (0.4, 1.2),
+    noise_share: float = 0.5,
+    noise_level_db: tuple = (-25.0, -10.0),
+    progress: bool = True,
+) -> dict:
+    """Copy a corpus with silence or noise added before and after each utterance: frames that no word explains.
+
+    This is the harder regime of the experiments (docs/RESULTS.md): a balanced alignment must spread every token's
+    mass over the padding too, an unbalanced one may leave it out. Each side of each utterance gets a segment of
+    `pad_seconds` (drawn uniformly); with probability `noise_share` it is white noise at `noise_level_db` (drawn
+    uniformly) relative to the utterance's RMS, otherwise near-silence (noise 60 dB below it, so that no frame is
+    digitally zero). Word timings move with the leading segment; the last word still ends where the speech ends.
+    Columns `lead_s` and `trail_s` record the padding. The same seed gives the same files.
+
+    Args:
+        source: a corpus written by :func:`build_corpus` (audiofolder layout with word timings).
+        output: the folder to write, in the same layout.
+        seed: seeds every draw.
+        pad_seconds: shortest and longest padding on each side, in seconds.
+        noise_share: probability that a padding segment is noise rather than near-silence.
+        noise_level_db: range of the noise level, in dB relative to the utterance's RMS.
+        progress: show a progress bar.
+    """
+    import soundfile
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for split in ("train", "test"):
+        with open(os.path.join(source, split, "metadata.csv"), newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        os.makedirs(os.path.join(output, split), exist_ok=True)
+        for row in tqdm(rows, desc=f"padding {split}", unit="utt", disable=not progress):
+            audio, rate = soundfile.read(os.path.join(source, split, row["file_name"]), dtype="float32")
+            rms = float(np.sqrt(np.mean(audio**2))) or 1e-3
+            segments = []
+            for _ in range(2):
+                length = int(rng.uniform(*pad_seconds) * rate)
+                level_db = rng.uniform(*noise_level_db) if rng.random() < noise_share else -60.0
+                segments.append((rms * 10 ** (level_db / 20) * rng.standard_normal(length)).astype(np.float32))
+            lead, trail = segments
+            padded = np.clip(np.concatenate([lead, audio, trail]), -1.0, 1.0)
+            soundfile.write(os.path.join(output, split, row["file_name"]), padded, rate, subtype="PCM_16")
+            shift = len(lead) / rate
+            words = [[w, round(s + shift, 4), round(e + shift, 4)] for w, s, e in json.loads(row["words"])]
+            row.update(words=json.dumps(words), lead_s=round(shift, 6), trail_s=round(len(trail) / rate, 6))
+        with open(os.path.join(output, split, "metadata.csv"), "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        counts[split] = len(rows)
+    return counts
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write (audiofolder layout)")
@@ -262,7 +322,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of sentences for the test split")
     parser.add_argument("--sentences", help="a text file, one sentence per line (default: WordNet's examples)")
     parser.add_argument("--wordnet-dir", help="folder of WordNet's data.* files (default: Debian's location)")
+    parser.add_argument(
+        "--pad-from",
+        help="instead of synthesising, copy this corpus with silence or noise padding around each utterance",
+    )
     args = parser.parse_args(argv)
+    if args.pad_from:
+        counts = pad_corpus(args.pad_from, args.output, seed=args.seed)
+        print(f"wrote {counts['train']} training and {counts['test']} test padded utterances to {args.output}")
+        return
     if args.sentences:
         with open(args.sentences, encoding="utf-8") as handle:
             sentences = clean_sentences(handle)

@@ -5,9 +5,17 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import soundfile
 
-from modeling_uot_ctc.corpus import UNSEEN_VARIANTS, build_corpus, clean_sentences, plan_corpus, wordnet_sentences
+from modeling_uot_ctc.corpus import (
+    UNSEEN_VARIANTS,
+    build_corpus,
+    clean_sentences,
+    pad_corpus,
+    plan_corpus,
+    wordnet_sentences,
+)
 
 SENTENCES = [
     "I can breathe better when the air is clean",
@@ -80,3 +88,27 @@ def test_wordnet_examples_are_read_from_glosses(tmp_path):
         '00002137 03 n 02 abstraction 0 | a concept; "the 2 of us"; "she left early in the morning"; "ok"\n'
     )
     assert wordnet_sentences(str(tmp_path)) == ["the air is clean here today", "she left early in the morning"]
+
+
+def test_padding_keeps_speech_and_shifts_timings(tmp_path):
+    build_corpus(str(tmp_path / "clean"), SENTENCES, utterances=6, seed=2, workers=1, progress=False)
+    counts = pad_corpus(str(tmp_path / "clean"), str(tmp_path / "padded"), seed=5, noise_share=1.0, progress=False)
+    assert counts == {"train": 5, "test": 1}
+    for split in ("train", "test"):
+        pairs = zip(read_split(tmp_path / "clean", split), read_split(tmp_path / "padded", split))
+        for clean_row, padded_row in pairs:
+            clean, rate = soundfile.read(os.path.join(tmp_path, "clean", split, clean_row["file_name"]))
+            padded, _ = soundfile.read(os.path.join(tmp_path, "padded", split, padded_row["file_name"]))
+            lead, trail = float(padded_row["lead_s"]), float(padded_row["trail_s"])
+            assert 0.4 <= lead <= 1.2 and 0.4 <= trail <= 1.2
+            start = round(lead * rate)
+            assert len(padded) == len(clean) + start + round(trail * rate)
+            # The speech itself is copied untouched (to 16-bit rounding), the padding is not silent.
+            np.testing.assert_allclose(padded[start:start + len(clean)], clean, atol=1 / 32768)
+            assert np.abs(padded[:start]).max() > 0 and np.abs(padded[start + len(clean):]).max() > 0
+            clean_words, padded_words = json.loads(clean_row["words"]), json.loads(padded_row["words"])
+            for (word, s0, e0), (same_word, s1, e1) in zip(clean_words, padded_words):
+                assert word == same_word
+                assert abs(s1 - (s0 + lead)) < 1e-3 and abs(e1 - (e0 + lead)) < 1e-3
+    again = pad_corpus(str(tmp_path / "clean"), str(tmp_path / "again"), seed=5, noise_share=1.0, progress=False)
+    assert again == counts and digest(tmp_path / "padded") == digest(tmp_path / "again")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import datasets
 import numpy as np
+import torch
 import pytest
 import soundfile
 import yaml
@@ -289,3 +290,20 @@ def test_teacher_cache_is_keyed_by_teacher_layer_and_text(teacher, tmp_path):
     assert from_cache.tokens == direct.tokens
     assert cache_last.path("the air is clean") != cache_last.path("The air is clean.")
     assert not np.allclose(cache_first(SENTENCES[:1]).hidden_states.numpy(), from_cache.hidden_states[:1].numpy())
+
+
+def test_padding_frames_decode_to_nothing():
+    from script_fixtures import TINY_MODEL
+    from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+
+    model = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(vocab_size=6, pad_token_id=0, **TINY_MODEL))
+    attention_mask = torch.zeros(2, 8000, dtype=torch.long)
+    attention_mask[0], attention_mask[1, :3200] = 1, 1
+    n_frames = int(model._get_feat_extract_output_lengths(torch.tensor(8000)))
+    short = int(model._get_feat_extract_output_lengths(torch.tensor(3200)))
+    logits = torch.randn(2, n_frames, 6)
+    logits[..., 3] += 10.0  # every frame, padding included, prefers character 3
+    masked = script.blank_padding_frames(logits, attention_mask, model)
+    ids = masked.argmax(-1)
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[1, :short], logits[1, :short])
+    assert (ids[1, short:] == 0).all() and short < n_frames

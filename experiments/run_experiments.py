@@ -1,0 +1,434 @@
+#!/usr/bin/env python
+"""The experiments behind docs/RESULTS.md: does UOT transfer help a CTC recogniser, and what does `rho_frames` do?
+
+Every run is one training of `run_speech_recognition_uot.py` (configs/experiments.yaml, then the row's settings)
+followed by an evaluation of the saved model on the test split. Runs live in `outputs/experiments/<row>/seed<k>/`;
+a finished run is never redone, an interrupted one resumes from its last checkpoint. Pieces run on their own:
+
+    python experiments/run_experiments.py list                           # every row and its command
+    python experiments/run_experiments.py run --rows ctc uot_rho1.0      # those rows, seeds 0 1 2
+    python experiments/run_experiments.py run --jobs 2                   # everything not yet done, two at a time
+    python experiments/run_experiments.py report                         # tables and plots into docs/
+
+Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
+software. The evaluation adds what the training script does not measure: WER and CER for voices heard in
+training and voices never heard, the precision and recall of the transport plan against the corpus's word timings,
+and the degree-of-matching curve (dropped-frame fraction, transported mass, precision and recall) over a grid of
+`rho_frames` on each trained model's own costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = "configs/experiments.yaml"
+RUNS_DIR = "outputs/experiments"
+CLEAN_CORPUS = "data/demo_corpus"
+PADDED_CORPUS = "data/demo_corpus_padded"
+LOW_RESOURCE_SAMPLES = 600
+DEFAULT_SEEDS = (0, 1, 2)
+# The grid of the degree-of-matching curve; inf is balanced transport (every frame keeps its share).
+RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+DEFAULT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+FRAME_SECONDS = 0.02  # wav2vec 2.0 frames: a stride of 320 samples at 16 kHz
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a regime (which data) and the transfer settings, as script flags."""
+
+    name: str
+    regime: str
+    description: str
+    flags: dict = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> str:
+        return PADDED_CORPUS if self.regime == "padded" else CLEAN_CORPUS
+
+    def train_argv(self, seed: int) -> list[str]:
+        flags = {"data_dir": self.data_dir, **self.flags, "seed": seed, "output_dir": run_dir(self, seed)}
+        if self.regime == "low-resource":
+            flags["max_train_samples"] = LOW_RESOURCE_SAMPLES
+        argv = [BASE_CONFIG]
+        for key, value in flags.items():
+            argv += [f"--{key}", str(value)]
+        return argv
+
+
+def _rows() -> list[Row]:
+    # In the order `run` works through them: the clean ablation first, then the harder regimes, then kt_weight.
+    uot = lambda rho, **extra: {"aligner": "uot", "rho_frames": rho, **extra}  # noqa: E731
+    return [
+        Row("ctc", "clean", "CTC only (no teacher)", {"aligner": "none"}),
+        Row("ot", "clean", "balanced OT transfer", {"aligner": "ot"}),
+        Row("tot", "clean", "balanced OT + temporal-order prior", {"aligner": "ot", "temporal_order_weight": 1.0}),
+        Row("uot_rho0.1", "clean", "UOT transfer, rho_frames 0.1", uot(0.1)),
+        Row("uot_rho1.0", "clean", "UOT transfer, rho_frames 1", uot(1.0)),
+        Row("uot_rho10.0", "clean", "UOT transfer, rho_frames 10", uot(10.0)),
+        Row("padded_ctc", "padded", "CTC only (no teacher)", {"aligner": "none"}),
+        Row("padded_ot", "padded", "balanced OT transfer", {"aligner": "ot"}),
+        Row("padded_uot_rho0.1", "padded", "UOT transfer, rho_frames 0.1", uot(0.1)),
+        Row("padded_uot_rho1.0", "padded", "UOT transfer, rho_frames 1", uot(1.0)),
+        Row("low_ctc", "low-resource", "CTC only (no teacher)", {"aligner": "none"}),
+        Row("low_ot", "low-resource", "balanced OT transfer", {"aligner": "ot"}),
+        Row("low_uot_rho1.0", "low-resource", "UOT transfer, rho_frames 1", uot(1.0)),
+        Row("uot_rho1.0_kt0.1", "clean", "UOT, rho_frames 1, kt_weight 0.1", uot(1.0, kt_weight=0.1)),
+        Row("uot_rho1.0_kt2.0", "clean", "UOT, rho_frames 1, kt_weight 2", uot(1.0, kt_weight=2.0)),
+    ]
+
+
+ROWS = {row.name: row for row in _rows()}
+
+
+def run_dir(row: Row, seed: int) -> str:
+    return os.path.join(RUNS_DIR, row.name, f"seed{seed}")
+
+
+def train_command(row: Row, seed: int) -> str:
+    argv = ["OMP_NUM_THREADS=1", "python", "run_speech_recognition_uot.py", *row.train_argv(seed)]
+    return " ".join(shlex.quote(a) if "=" not in a else a for a in argv)
+
+
+def row_command(row: Row, seeds=DEFAULT_SEEDS) -> str:
+    return f"python experiments/run_experiments.py run --rows {row.name} --seeds {' '.join(map(str, seeds))}"
+
+
+# ------------------------------------------------------------------------------------------------------ running
+
+
+def run_one(row: Row, seed: int, log=print) -> dict:
+    """Train (or resume) and evaluate one run; return its metrics. A finished run is read back, not redone."""
+    folder = run_dir(row, seed)
+    metrics_path = os.path.join(folder, "experiment_metrics.json")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_MININTERVAL": "30",
+    }
+    started = time.time()
+    if not os.path.isfile(os.path.join(folder, "train_results.json")):
+        os.makedirs(folder, exist_ok=True)
+        log(f"[{row.name} seed {seed}] training: {train_command(row, seed)}")
+        with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
+            subprocess.run(
+                [sys.executable, "run_speech_recognition_uot.py", *row.train_argv(seed)],
+                cwd=ROOT,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                check=True,
+            )
+    log(f"[{row.name} seed {seed}] evaluating")
+    subprocess.run(
+        [sys.executable, __file__, "evaluate", folder, "--data_dir", row.data_dir],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    with open(metrics_path, encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    log(f"[{row.name} seed {seed}] done in {(time.time() - started) / 60:.1f} min: WER {metrics['wer']:.3f}")
+    return metrics
+
+
+def run_many(rows: list[Row], seeds, jobs: int) -> None:
+    pending = [(row, seed) for row in rows for seed in seeds]
+    todo = [(r, s) for r, s in pending if not os.path.isfile(os.path.join(run_dir(r, s), "experiment_metrics.json"))]
+    print(
+        f"{len(pending)} runs asked for, {len(pending) - len(todo)} already done, {len(todo)} to run, {jobs} at a time"
+    )
+    if not todo:
+        return
+    failures = []
+
+    def attempt(item):
+        row, seed = item
+        try:
+            run_one(row, seed)
+        except subprocess.CalledProcessError as error:
+            failures.append(f"{row.name} seed {seed}: exit {error.returncode}, see {run_dir(row, seed)}/train.log")
+            print(f"[{row.name} seed {seed}] FAILED ({failures[-1]})", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(attempt, todo))
+    if failures:
+        raise SystemExit("Some runs failed:\n  " + "\n  ".join(failures))
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+def word_reference(n_frames: int, words: list, n_words: int):
+    """For each frame, the index of the word whose timing holds the frame's centre, or -1 (padding, silence)."""
+    import torch
+
+    reference = torch.full((n_frames,), -1, dtype=torch.long)
+    centres = (torch.arange(n_frames, dtype=torch.float64) + 0.5) * FRAME_SECONDS
+    for index, (_, start, end) in enumerate(words[:n_words]):
+        reference[(centres >= start) & (centres < end)] = index
+    return reference
+
+
+def token_words(tokenizer, text: str) -> list[int]:
+    """The whitespace-word index of each word piece of `text` (special tokens left out, as the teacher does)."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=512)
+    word_starts = [i for i, c in enumerate(text) if c != " " and (i == 0 or text[i - 1] == " ")]
+    result = []
+    for start, _ in encoded["offset_mapping"]:
+        result.append(sum(1 for s in word_starts if s <= start) - 1)
+    return result
+
+
+def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache_dir: Optional[str] = None) -> dict:
+    """Transcribe the test split with the saved model and measure it; writes `experiment_metrics.json`.
+
+    Args:
+        folder: a run's output folder (the saved model and processor).
+        data_dir: the corpus it was trained on (audiofolder layout with word timings, `seen_voice`).
+        batch_size: utterances per forward pass.
+        teacher_cache_dir: the teacher-state cache (default: the training script's default).
+    """
+    import evaluate
+    import numpy as np
+    import torch
+    from transformers import Wav2Vec2Processor
+
+    sys.path.insert(0, ROOT)
+    from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT, cosine_cost
+    from modeling_uot_ctc.metrics import METRIC_PATHS
+    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
+    from run_speech_recognition_uot import decode_audio, default_teacher_cache_dir, normalise_text
+
+    import yaml
+
+    with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
+        chars_to_ignore = yaml.safe_load(handle).get("chars_to_ignore")
+    processor = Wav2Vec2Processor.from_pretrained(folder)
+    model = Wav2Vec2ForCTCWithUOT.from_pretrained(folder).eval()
+    config = model.config
+    aligned = config.aligner != "none"
+    teacher = cache = None
+    if aligned:
+        name = config.teacher_name_or_path
+        # The script records the default teacher by its hub name but loads it from the installed package.
+        teacher = TextTeacher(default_teacher_path() if name == DEFAULT_TEACHER else name, layer=config.teacher_layer)
+        cache = TeacherStateCache(
+            teacher, teacher_cache_dir or default_teacher_cache_dir(), key=f"{name}|layer={config.teacher_layer}"
+        )
+
+    with open(os.path.join(data_dir, "test", "metadata.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["normalised"] = normalise_text(row["text"], chars_to_ignore, True)
+        row["audio"] = decode_audio(os.path.join(data_dir, "test", row["file_name"]), True, row["file_name"])
+    rows.sort(key=lambda r: len(r["audio"]))
+
+    predictions = {}
+    per_rho = {rho: {"dropped": [], "mass": [], "precision": [], "recall": []} for rho in RHO_GRID}
+    trained = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    diagonal = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = processor.feature_extractor(
+                [r["audio"] for r in chunk], sampling_rate=16_000, padding=True, return_tensors="pt"
+            )
+            kwargs = {}
+            if aligned:
+                states = cache([r["normalised"] for r in chunk])
+                kwargs = dict(teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask)
+            outputs = model(
+                batch.input_values,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=aligned,
+                output_alignments=True,
+                **kwargs,
+            )
+            # Each utterance decoded over its own frames only: padding frames of a batch may emit characters.
+            lengths = model._get_feat_extract_output_lengths(batch.attention_mask.sum(-1))
+            for row, ids, length in zip(chunk, outputs.logits.argmax(-1), lengths):
+                predictions[row["file_name"]] = processor.decode(ids[: int(length)])
+            if not aligned:
+                continue
+            # The plan the model trains with, and the same costs solved over the grid of rho_frames.
+            frame_mask = model._get_feature_vector_attention_mask(outputs.logits.shape[1], batch.attention_mask).bool()
+            token_mask = states.attention_mask.bool()
+            layer = config.kt_encoder_layer
+            acoustic = outputs.hidden_states[layer] if layer != -1 else outputs.hidden_states[-1]
+            frames = model.kt_adapter(acoustic)
+            teacher_states = torch.where(token_mask[:, :, None], states.hidden_states.to(frames.dtype), 0.0)
+            cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+            groups = _word_groups(chunk, teacher.tokenizer, token_mask, frame_mask)
+            _collect(trained, outputs.alignments, groups, frame_mask)
+            _collect(diagonal, diagonal_plans(frame_mask, token_mask), groups, frame_mask)
+            settings = config.solver_settings
+            for rho in RHO_GRID:
+                plan = ALIGNERS["uot"](cost, frame_mask, token_mask, **{**settings, "rho_frames": rho}).plan
+                _collect(per_rho[rho], plan, groups, frame_mask)
+
+    wer, cer = evaluate.load(METRIC_PATHS["wer"]), evaluate.load(METRIC_PATHS["cer"])
+    metrics = {"test_utterances": len(rows), "aligner": config.aligner}
+    for subset, keep in (
+        ("", lambda r: True),
+        ("_seen", lambda r: r["seen_voice"] == "True"),
+        ("_unseen", lambda r: r["seen_voice"] != "True"),
+    ):
+        chosen = [r for r in rows if keep(r)]
+        if not chosen:
+            continue
+        hyps, refs = [predictions[r["file_name"]] for r in chosen], [r["normalised"] for r in chosen]
+        metrics[f"wer{subset}"] = wer.compute(predictions=hyps, references=refs)
+        metrics[f"cer{subset}"] = cer.compute(predictions=hyps, references=refs)
+    if aligned:
+        metrics["alignment"] = {k: float(np.nanmean(v)) for k, v in trained.items()}
+        metrics["alignment_diagonal"] = {k: float(np.nanmean(v)) for k, v in diagonal.items()}
+        metrics["rho_sweep"] = [
+            {"rho_frames": None if math.isinf(rho) else rho, **{k: float(np.nanmean(v)) for k, v in values.items()}}
+            for rho, values in per_rho.items()
+        ]
+    state_path = os.path.join(folder, "trainer_state.json")
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as handle:
+            history = json.load(handle)["log_history"]
+        final = [h for h in history if "train_runtime" in h]
+        metrics["train_minutes"] = final[-1]["train_runtime"] / 60 if final else None
+        logged = [h for h in history if "dropped_frame_fraction" in h]
+        if logged:
+            metrics["train_log_last"] = {k: logged[-1][k] for k in ("dropped_frame_fraction", "transported_mass")}
+    with open(os.path.join(folder, "experiment_predictions.json"), "w", encoding="utf-8") as handle:
+        json.dump(dict(sorted(predictions.items())), handle, indent=0)
+    # Written last: its presence marks the run as done.
+    with open(os.path.join(folder, "experiment_metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+def diagonal_plans(frame_mask, token_mask):
+    """The no-information baseline: the valid frames cut into equal consecutive runs, one per word piece, in order."""
+    import torch
+
+    batch, n_frames = frame_mask.shape
+    plans = torch.zeros(batch, n_frames, token_mask.shape[1])
+    for index in range(batch):
+        t, n = int(frame_mask[index].sum()), int(token_mask[index].sum())
+        if t and n:
+            pieces = torch.arange(t) * n // t
+            plans[index, torch.arange(t), pieces] = 1.0 / t
+    return plans
+
+
+def _word_groups(chunk, tokenizer, token_mask, frame_mask):
+    """Per example: a `(N, W)` piece-to-word matrix and the `(T,)` word reference, or None when they disagree."""
+    import torch
+
+    groups = []
+    for index, row in enumerate(chunk):
+        words = [w for w in json.loads(row["words"])]
+        text_words = row["normalised"].split()
+        n_tokens = int(token_mask[index].sum())
+        piece_words = token_words(tokenizer, row["normalised"])
+        # Skip an utterance whose normalisation changed the word count (a word of punctuation only) or whose
+        # transcript the teacher truncated: its reference would not line up.
+        if len(text_words) != len(words) or len(piece_words) != n_tokens:
+            groups.append(None)
+            continue
+        onehot = torch.zeros(token_mask.shape[1], len(words))
+        onehot[torch.arange(n_tokens), torch.tensor(piece_words)] = 1.0
+        reference = word_reference(frame_mask.shape[1], words, len(words))
+        groups.append((onehot, reference))
+    return groups
+
+
+def _collect(store, plans, groups, frame_mask):
+    """Word-level diagnostics of each plan: pieces of one word are summed, frames compared with the timings."""
+    from modeling_uot_ctc import alignment_diagnostics
+
+    for index, group in enumerate(groups):
+        plan = plans[index].float()
+        if group is None:
+            continue
+        onehot, reference = group
+        word_plan = plan @ onehot  # (T, W)
+        stats = alignment_diagnostics(word_plan[None], frame_mask[index][None], reference=reference[None])
+        store["dropped"].append(float(stats.dropped_frame_fraction[0]))
+        store["mass"].append(float(stats.total_mass[0]))
+        store["precision"].append(float(stats.precision[0]))
+        store["recall"].append(float(stats.recall[0]))
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+
+def collect(rows, seeds) -> dict:
+    """Metrics of every finished run, `{row: {seed: metrics}}`."""
+    found = {}
+    for row in rows:
+        for seed in seeds:
+            path = os.path.join(run_dir(row, seed), "experiment_metrics.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    found.setdefault(row.name, {})[seed] = json.load(handle)
+    return found
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print every row and the command that reruns it")
+    run = commands.add_parser("run", help="train and evaluate the runs not yet done")
+    run.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
+    run.add_argument("--regimes", nargs="+", choices=["clean", "padded", "low-resource"], help="only these regimes")
+    run.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    run.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
+    evaluate = commands.add_parser("evaluate", help="evaluate one trained run folder")
+    evaluate.add_argument("folder")
+    evaluate.add_argument("--data_dir", default=CLEAN_CORPUS)
+    report = commands.add_parser("report", help="write the tables and plots of docs/RESULTS.md")
+    report.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    report.add_argument("--output", default="docs")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    if args.command == "list":
+        for row in ROWS.values():
+            print(f"{row.name:20s} {row.regime:13s} {row.description}\n    {row_command(row)}")
+    elif args.command == "run":
+        rows = [ROWS[name] for name in args.rows] if args.rows else list(ROWS.values())
+        if args.regimes:
+            rows = [row for row in rows if row.regime in args.regimes]
+        missing = sorted({row.data_dir for row in rows if not os.path.isdir(row.data_dir)})
+        if missing:
+            raise SystemExit(
+                f"Missing corpus {', '.join(missing)}: build it first (make experiments-data, or "
+                "python -m modeling_uot_ctc.corpus, see docs/RESULTS.md)."
+            )
+        run_many(rows, args.seeds, args.jobs)
+    elif args.command == "evaluate":
+        metrics = evaluate_run(args.folder, args.data_dir)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "rho_sweep"}, indent=2))
+    elif args.command == "report":
+        from report import write_report  # experiments/report.py
+
+        write_report(collect(list(ROWS.values()), args.seeds), ROWS, args.output)
+
+
+if __name__ == "__main__":
+    main()

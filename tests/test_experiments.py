@@ -1,0 +1,196 @@
+"""The experiment runner and its report: rows, word-level alignment scoring, evaluation, tables (offline, tiny)."""
+
+import csv
+import json
+import os
+
+import jiwer
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import BertTokenizerFast, pipeline
+
+import report
+import run_experiments as experiments
+import run_speech_recognition_uot as script
+from script_fixtures import SENTENCES, base_arguments, speech_like, write_teacher
+
+CHARACTER_SECONDS = 0.07  # speech_like's pace
+
+
+def test_every_row_is_a_valid_script_command():
+    names = set()
+    for row in experiments.ROWS.values():
+        model_args, data_args, transfer_args, training_args = script.parse_arguments(row.train_argv(7))
+        assert training_args.seed == 7
+        assert training_args.output_dir == os.path.join("outputs/experiments", row.name, "seed7")
+        assert transfer_args.aligner == row.flags["aligner"]
+        for key, value in row.flags.items():
+            assert getattr(transfer_args, key) == value
+        expected_dir = "data/demo_corpus_padded" if row.regime == "padded" else "data/demo_corpus"
+        assert data_args.data_dir == expected_dir
+        assert data_args.max_train_samples == (
+            experiments.LOW_RESOURCE_SAMPLES if row.regime == "low-resource" else None
+        )
+        assert training_args.max_steps == 800  # equal steps for every row
+        names.add(row.name)
+    # The issue's rows: CTC, balanced OT, temporal-order OT, several rho_frames, a kt_weight sweep, both hard regimes.
+    for name in (
+        "ctc",
+        "ot",
+        "tot",
+        "uot_rho0.1",
+        "uot_rho1.0",
+        "uot_rho10.0",
+        "uot_rho1.0_kt0.1",
+        "uot_rho1.0_kt2.0",
+        "padded_ctc",
+        "padded_ot",
+        "padded_uot_rho1.0",
+        "low_ctc",
+        "low_ot",
+        "low_uot_rho1.0",
+    ):
+        assert name in names
+
+
+def test_word_reference_marks_the_frames_inside_each_word():
+    words = [["a", 0.0, 0.1], ["bc", 0.1, 0.3]]
+    reference = experiments.word_reference(20, words, 2).tolist()
+    # 20 ms frames, centres at 10, 30, 50 ... ms: five in the first word, ten in the second, the rest in none.
+    assert reference == [0] * 5 + [1] * 10 + [-1] * 5
+
+
+def test_word_pieces_map_to_whitespace_words(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "air", "cl", "##ean", "'", "s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    # "clean" is two pieces; "air's" is three (the apostrophe splits it).
+    assert tokenizer.tokenize("the clean air's") == ["the", "cl", "##ean", "air", "'", "s"]
+    assert experiments.token_words(tokenizer, "the clean air's") == [0, 1, 1, 2, 2, 2]
+
+
+def test_plan_is_scored_per_word_against_the_timings():
+    # Three pieces: piece 0 is word 0; pieces 1 and 2 are word 1. Four frames, the last one silence.
+    onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    reference = torch.tensor([0, 1, 1, -1])
+    plan = torch.zeros(4, 3)
+    plan[0, 0] = plan[1, 0] = plan[2, 2] = plan[3, 1] = 0.25  # frame 1 goes to the wrong word
+    store = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
+    # Assigned frames 0..3; right: frames 0 and 2 -> precision 2/4. Reference frames 0..2; right: 0 and 2 -> 2/3.
+    assert store["precision"] == [pytest.approx(0.5)]
+    assert store["recall"] == [pytest.approx(2 / 3)]
+    assert store["dropped"] == [0.0] and store["mass"] == [pytest.approx(1.0)]
+
+    plan[3, 1] = 0.0  # the silence frame now drops out: precision 2/3, recall unchanged
+    store = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
+    assert store["precision"] == [pytest.approx(2 / 3)] and store["recall"] == [pytest.approx(2 / 3)]
+    assert store["dropped"] == [pytest.approx(0.25)]
+
+
+def test_diagonal_plans_cut_the_valid_frames_in_order():
+    frame_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    token_mask = torch.tensor([[True, True, True], [True, True, False]])
+    plans = experiments.diagonal_plans(frame_mask, token_mask)
+    assert plans[0].argmax(-1).tolist() == [0, 0, 1, 1, 2, 2]
+    assert plans[1, :4].argmax(-1).tolist() == [0, 0, 1, 1] and plans[1, 4:].abs().sum() == 0
+    assert plans[1, :, 2].abs().sum() == 0 and plans.sum((1, 2)).tolist() == pytest.approx([1.0, 1.0])
+
+
+def write_timed_corpus(root, seed=0):
+    """speech_like audio with exact word timings (70 ms a character), half the test voices marked unseen."""
+    rng = np.random.default_rng(seed)
+    for split, sentences in (("train", SENTENCES[:8]), ("test", SENTENCES[8:])):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        rows = []
+        for k, sentence in enumerate(sentences):
+            name = f"{split}_{k:03d}.wav"
+            soundfile.write(os.path.join(root, split, name), speech_like(sentence, rng), 16_000)
+            words, position = [], 0
+            for word in sentence.split():
+                start = sentence.index(word, position)
+                words.append([word, start * CHARACTER_SECONDS, (start + len(word)) * CHARACTER_SECONDS])
+                position = start + len(word)
+            rows.append(
+                {
+                    "file_name": name,
+                    "text": sentence,
+                    "seen_voice": str(split == "train" or k % 2 == 0),
+                    "words": json.dumps(words),
+                }
+            )
+        with open(os.path.join(root, split, "metadata.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def test_evaluation_agrees_with_the_pipeline_and_jiwer(tmp_path):
+    corpus = write_timed_corpus(str(tmp_path / "corpus"))
+    teacher = write_teacher(str(tmp_path / "teacher"))
+    output_dir = str(tmp_path / "run")
+    script.main(base_arguments(corpus, teacher, output_dir, max_steps=3, chars_to_ignore=None))
+    metrics = experiments.evaluate_run(output_dir, corpus, batch_size=3, teacher_cache_dir=str(tmp_path / "cache"))
+
+    asr = pipeline("automatic-speech-recognition", model=output_dir, device=-1)
+    with open(os.path.join(corpus, "test", "metadata.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    audio = [soundfile.read(os.path.join(corpus, "test", row["file_name"]), dtype="float32")[0] for row in rows]
+    hypotheses = [asr(samples)["text"] for samples in audio]
+    saved = json.load(open(os.path.join(output_dir, "experiment_predictions.json")))
+    assert [saved[row["file_name"]] for row in rows] == hypotheses
+    references = [row["text"] for row in rows]
+    # The script's own evaluation (batches of 4) decodes each utterance over its own frames too.
+    assert json.load(open(os.path.join(output_dir, "eval_results.json")))["eval_wer"] == pytest.approx(metrics["wer"])
+    assert metrics["wer"] == pytest.approx(jiwer.wer(references, hypotheses))
+    assert metrics["cer"] == pytest.approx(jiwer.cer(references, hypotheses))
+    seen = [i for i, row in enumerate(rows) if row["seen_voice"] == "True"]
+    unseen = [i for i in range(len(rows)) if i not in seen]
+    for name, chosen in (("seen", seen), ("unseen", unseen)):
+        expected = jiwer.wer([references[i] for i in chosen], [hypotheses[i] for i in chosen])
+        assert metrics[f"wer_{name}"] == pytest.approx(expected)
+
+    assert 0 <= metrics["alignment"]["precision"] <= 1 and 0 <= metrics["alignment"]["recall"] <= 1
+    balanced = metrics["rho_sweep"][-1]
+    assert balanced["rho_frames"] is None  # inf: every frame keeps its share
+    assert balanced["dropped"] == 0 and balanced["mass"] == pytest.approx(1.0, abs=1e-4)
+    assert [p["rho_frames"] for p in metrics["rho_sweep"][:-1]] == list(experiments.RHO_GRID[:-1])
+
+
+def test_report_tables_spreads_and_plots(tmp_path):
+    def run(wer, precision=None):
+        metrics = {"wer": wer, "cer": wer / 2, "wer_seen": wer, "wer_unseen": wer + 0.1, "train_minutes": 4.0}
+        if precision is not None:
+            metrics["alignment"] = {"precision": precision, "recall": 0.5, "dropped": 0.1, "mass": 1.0}
+            metrics["rho_sweep"] = [
+                {"rho_frames": r, "dropped": 0.2, "mass": 1.0, "precision": 0.4, "recall": 0.5}
+                for r in (0.1, 1.0, None)
+            ]
+        return metrics
+
+    found = {
+        "ctc": {0: run(0.8), 1: run(0.9), 2: run(0.7)},
+        "uot_rho1.0": {0: run(0.7, 0.3), 1: run(0.7, 0.5), 2: run(0.4, 0.4)},
+    }
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(
+        f"# Results\n\nProse before.\n\n{report.TABLE_START}\nold\n{report.TABLE_END}\n\nAfter.\n"
+    )
+    report.write_report(found, experiments.ROWS, str(docs))
+    text = (docs / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\nProse before.") and text.rstrip().endswith("After.") and "\nold\n" not in text
+    line = next(line for line in text.splitlines() if line.startswith("| uot_rho1.0 |"))
+    cells = [cell.strip() for cell in line.split("|")[1:-1]]
+    assert cells[3] == f"{np.mean([0.7, 0.7, 0.4]):.3f} ± {np.std([0.7, 0.7, 0.4], ddof=1):.3f}"
+    # Paired with CTC seed by seed: -0.1, -0.2, -0.3.
+    assert cells[7] == f"{-0.2:.3f} ± {0.1:.3f}"
+    assert cells[8] == f"{0.4:.3f} ± {0.1:.3f}"
+    assert "not run yet" in next(line for line in text.splitlines() if line.startswith("| tot |"))
+    for name in ("wer.png", "degree_of_matching.png"):
+        image = __import__("matplotlib.pyplot").pyplot.imread(docs / "results" / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image[..., :3].std() > 0.01
