@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Any other torch request pulls a multi-GB CUDA build on the machines this project is developed on.
 TORCH := torch==2.13.0
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo experiments bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ $(BIN)/.demo-installed: $(BIN)/.installed
 
 demo: $(BIN)/.demo-installed
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/run_demo.py
+
+# docs/RESULTS.md: the clean and the padded corpus, 45 trainings (15 rows x 3 seeds, two at a time, about 2.5 h on
+# two cores; resumable: run it again after an interruption), then the tables and plots.
+data/demo_corpus/train/metadata.csv: | $(BIN)/.demo-installed
+	$(BIN)/python -m modeling_uot_ctc.corpus --output data/demo_corpus --utterances 3000 --seed 0
+
+data/demo_corpus_padded/train/metadata.csv: data/demo_corpus/train/metadata.csv
+	$(BIN)/python -m modeling_uot_ctc.corpus --pad-from data/demo_corpus --output data/demo_corpus_padded --seed 0
+
+experiments: data/demo_corpus_padded/train/metadata.csv
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py run --jobs 2
+	$(BIN)/python experiments/run_experiments.py report
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -194,3 +194,31 @@ def test_report_tables_spreads_and_plots(tmp_path):
     for name in ("wer.png", "degree_of_matching.png"):
         image = __import__("matplotlib.pyplot").pyplot.imread(docs / "results" / name)
         assert image.shape[0] > 200 and image.shape[1] > 400 and image[..., :3].std() > 0.01
+
+
+def test_finished_runs_are_read_back_and_unfinished_ones_evaluated_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RUNS_DIR", str(tmp_path))
+    row = experiments.ROWS["uot_rho1.0"]
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv[1:3])
+        if argv[2] == "evaluate":  # what `evaluate` leaves behind
+            with open(os.path.join(argv[3], "experiment_metrics.json"), "w") as handle:
+                json.dump({"wer": 0.5}, handle)
+
+    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    finished = tmp_path / "uot_rho1.0" / "seed0"
+    finished.mkdir(parents=True)
+    (finished / "experiment_metrics.json").write_text(json.dumps({"wer": 0.25}))
+    assert experiments.run_one(row, 0, log=lambda _: None) == {"wer": 0.25} and calls == []
+
+    trained = tmp_path / "uot_rho1.0" / "seed1"  # trained, but interrupted before its evaluation
+    trained.mkdir(parents=True)
+    (trained / "train_results.json").write_text("{}")
+    assert experiments.run_one(row, 1, log=lambda _: None) == {"wer": 0.5}
+    assert calls == [[experiments.__file__, "evaluate"]]
+
+    calls.clear()  # nothing there yet: train, then evaluate
+    experiments.run_one(row, 2, log=lambda _: None)
+    assert calls == [["run_speech_recognition_uot.py", experiments.BASE_CONFIG], [experiments.__file__, "evaluate"]]
