@@ -63,24 +63,19 @@ def table(found, rows) -> str:
 
 
 def sweep_table(found, row_names) -> str:
-    """The degree-of-matching curve as numbers: each rho on the trained models' costs, mean over seeds."""
+    """The degree-of-matching curve as numbers: each (eps, rho) on the trained models' costs, mean over seeds."""
+    columns = ("dropped", "effective_frames", "mass_outside_words", "precision", "recall")
     lines = [
-        "| model | rho_frames | dropped frames | transported mass | plan precision | plan recall |",
-        "|---|---|---|---|---|---|",
+        "| model | eps | rho_frames | dropped frames | effective frames | mass outside words | plan precision "
+        "| plan recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in row_names:
         runs = [m for m in found.get(name, {}).values() if "rho_sweep" in m]
-        if not runs:
-            continue
-        for position, point in enumerate(runs[0]["rho_sweep"]):
-            rho = point["rho_frames"]
-            cells = [
-                mean_spread([m["rho_sweep"][position][k] for m in runs])
-                for k in ("dropped", "mass", "precision", "recall")
-            ]
-            lines.append(
-                f"| {name} (n={len(runs)}) | {'inf (balanced)' if rho is None else rho} | " + " | ".join(cells) + " |"
-            )
+        for position, point in enumerate(runs[0]["rho_sweep"] if runs else []):
+            rho = "inf (balanced)" if point["rho_frames"] is None else point["rho_frames"]
+            cells = [mean_spread([m["rho_sweep"][position].get(k) for m in runs]) for k in columns]
+            lines.append(f"| {name} (n={len(runs)}) | {point['eps']} | {rho} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,26 +105,29 @@ def plot_degree_of_matching(found, row_names, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (
+        ("effective_frames", "effective frames (1: every frame its share)"),
+        ("mass_outside_words", "mass on frames inside no word"),
+        ("precision", "plan precision against word timings"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for name in row_names:
         runs = [m for m in found.get(name, {}).values() if "rho_sweep" in m]
         if not runs:
             continue
         sweep = runs[0]["rho_sweep"]
-        finite = [p["rho_frames"] for p in sweep if p["rho_frames"] is not None]
-        # Balanced transport (rho = inf) is drawn at the right edge, one decade past the grid.
-        xs = finite + [finite[-1] * 10]
-        series = {
-            k: np.mean([[p[k] for p in m["rho_sweep"]] for m in runs], axis=0) for k in sweep[0] if k != "rho_frames"
-        }
-        axes[0].plot(xs, series["dropped"], marker="o", label=f"{name}: dropped frames")
-        axes[0].plot(xs, series["mass"], marker="s", linestyle="--", label=f"{name}: transported mass")
-        axes[1].plot(xs, series["precision"], marker="o", label=f"{name}: precision")
-        axes[1].plot(xs, series["recall"], marker="s", linestyle="--", label=f"{name}: recall")
-    for axis, title in zip(axes, ("Degree of matching", "Plan against word timings")):
+        for eps in sorted({p["eps"] for p in sweep}, reverse=True):
+            positions = [i for i, p in enumerate(sweep) if p["eps"] == eps]
+            finite = [sweep[i]["rho_frames"] for i in positions if sweep[i]["rho_frames"] is not None]
+            # Balanced transport (rho = inf) is drawn one decade past the grid.
+            xs = finite + [finite[-1] * 10] * (len(positions) - len(finite))
+            for axis, (key, _) in zip(axes, panels):
+                ys = [np.mean([m["rho_sweep"][i].get(key, np.nan) for m in runs]) for i in positions]
+                axis.plot(xs, ys, marker="o", label=f"{name}, eps {eps}")
+    for axis, (_, title) in zip(axes, panels):
         axis.set_xscale("log")
-        axis.set_xlabel("rho_frames (rightmost point: balanced, rho = inf)")
-        axis.set_title(title)
+        axis.set_xlabel("rho_frames (rightmost: balanced)")
+        axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -41,6 +41,9 @@ LOW_RESOURCE_SAMPLES = 600
 DEFAULT_SEEDS = (0, 1, 2)
 # The grid of the degree-of-matching curve; inf is balanced transport (every frame keeps its share).
 RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+# The curve at the recipe's entropic regularisation and at a sharper one, where frames can separate more.
+SWEEP_EPS = (0.1, 0.02)
+SCORES = ("dropped", "mass", "precision", "recall", "effective_frames", "mass_outside_words")
 DEFAULT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 FRAME_SECONDS = 0.02  # wav2vec 2.0 frames: a stride of 320 samples at 16 kHz
 
@@ -109,11 +112,12 @@ def row_command(row: Row, seeds=DEFAULT_SEEDS) -> str:
 # ------------------------------------------------------------------------------------------------------ running
 
 
-def run_one(row: Row, seed: int, log=print) -> dict:
-    """Train (or resume) and evaluate one run; return its metrics. A finished run is read back, not redone."""
+def run_one(row: Row, seed: int, log=print, reevaluate: bool = False) -> dict:
+    """Train (or resume) and evaluate one run; return its metrics. A finished run is read back, not redone, unless
+    `reevaluate` asks for its evaluation again (after a change to the evaluation; the training is kept)."""
     folder = run_dir(row, seed)
     metrics_path = os.path.join(folder, "experiment_metrics.json")
-    if os.path.isfile(metrics_path):
+    if os.path.isfile(metrics_path) and not reevaluate:
         with open(metrics_path, encoding="utf-8") as handle:
             return json.load(handle)
     env = {
@@ -149,9 +153,11 @@ def run_one(row: Row, seed: int, log=print) -> dict:
     return metrics
 
 
-def run_many(rows: list[Row], seeds, jobs: int) -> None:
+def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> None:
     pending = [(row, seed) for row in rows for seed in seeds]
     todo = [(r, s) for r, s in pending if not os.path.isfile(os.path.join(run_dir(r, s), "experiment_metrics.json"))]
+    if reevaluate:
+        todo = pending
     print(
         f"{len(pending)} runs asked for, {len(pending) - len(todo)} already done, {len(todo)} to run, {jobs} at a time"
     )
@@ -162,7 +168,7 @@ def run_many(rows: list[Row], seeds, jobs: int) -> None:
     def attempt(item):
         row, seed = item
         try:
-            run_one(row, seed)
+            run_one(row, seed, reevaluate=reevaluate)
         except subprocess.CalledProcessError as error:
             failures.append(f"{row.name} seed {seed}: exit {error.returncode}, see {run_dir(row, seed)}/train.log")
             print(f"[{row.name} seed {seed}] FAILED ({failures[-1]})", flush=True)
@@ -242,9 +248,9 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
     rows.sort(key=lambda r: len(r["audio"]))
 
     predictions = {}
-    per_rho = {rho: {"dropped": [], "mass": [], "precision": [], "recall": []} for rho in RHO_GRID}
-    trained = {"dropped": [], "mass": [], "precision": [], "recall": []}
-    diagonal = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    per_rho = {(eps, rho): {k: [] for k in SCORES} for eps in SWEEP_EPS for rho in RHO_GRID}
+    trained, diagonal = {k: [] for k in SCORES}, {k: [] for k in SCORES}
+    frame_fit_spread = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -278,11 +284,14 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
             cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
             groups = _word_groups(chunk, teacher.tokenizer, token_mask, frame_mask)
             _collect(trained, outputs.alignments, groups, frame_mask)
+            frame_fit_spread += frame_fit_spreads(cost, frame_mask, token_mask, config.alignment_eps)
             _collect(diagonal, diagonal_plans(frame_mask, token_mask), groups, frame_mask)
             settings = config.solver_settings
-            for rho in RHO_GRID:
-                plan = ALIGNERS["uot"](cost, frame_mask, token_mask, **{**settings, "rho_frames": rho}).plan
-                _collect(per_rho[rho], plan, groups, frame_mask)
+            for eps, rho in per_rho:
+                plan = ALIGNERS["uot"](
+                    cost, frame_mask, token_mask, **{**settings, "eps": eps, "rho_frames": rho}
+                ).plan
+                _collect(per_rho[eps, rho], plan, groups, frame_mask)
 
     wer, cer = evaluate.load(METRIC_PATHS["wer"]), evaluate.load(METRIC_PATHS["cer"])
     metrics = {"test_utterances": len(rows), "aligner": config.aligner}
@@ -300,9 +309,14 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
     if aligned:
         metrics["alignment"] = {k: float(np.nanmean(v)) for k, v in trained.items()}
         metrics["alignment_diagonal"] = {k: float(np.nanmean(v)) for k, v in diagonal.items()}
+        metrics["frame_fit_spread_over_eps"] = float(np.mean(frame_fit_spread))
         metrics["rho_sweep"] = [
-            {"rho_frames": None if math.isinf(rho) else rho, **{k: float(np.nanmean(v)) for k, v in values.items()}}
-            for rho, values in per_rho.items()
+            {
+                "eps": eps,
+                "rho_frames": None if math.isinf(rho) else rho,
+                **{k: float(np.nanmean(v)) for k, v in values.items()},
+            }
+            for (eps, rho), values in per_rho.items()
         ]
     state_path = os.path.join(folder, "trainer_state.json")
     if os.path.isfile(state_path):
@@ -319,6 +333,27 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
     with open(os.path.join(folder, "experiment_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def frame_fit_spreads(cost, frame_mask, token_mask, eps: float) -> list[float]:
+    """Per utterance, how unequally its frames fit the transcript, in units of `eps`.
+
+    A frame's fit is the soft minimum of its costs over the tokens, `-eps log mean_j exp(-C_ij / eps)`; the spread
+    is the standard deviation of the fits over the valid frames, divided by `eps`. The frame-side relaxation can only
+    drop frames that fit clearly worse than the rest: with a spread well below 1 every frame keeps about its share
+    whatever `rho_frames` is.
+    """
+    import torch
+
+    scaled = (-cost.float() / eps).masked_fill(~token_mask[:, None, :], float("-inf"))
+    n_tokens = token_mask.sum(-1).clamp_min(1).float()
+    fit = -(torch.logsumexp(scaled, dim=-1) - n_tokens.log()[:, None])  # in units of eps
+    spreads = []
+    for index in range(cost.shape[0]):
+        valid = fit[index][frame_mask[index]]
+        if valid.numel() > 1 and token_mask[index].any():
+            spreads.append(float(valid.std()))
+    return spreads
 
 
 def diagonal_plans(frame_mask, token_mask):
@@ -372,6 +407,15 @@ def _collect(store, plans, groups, frame_mask):
         store["mass"].append(float(stats.total_mass[0]))
         store["precision"].append(float(stats.precision[0]))
         store["recall"].append(float(stats.recall[0]))
+        # A smooth degree of matching: the perplexity of the frame masses as a fraction of the frames (1: every
+        # frame carries its share; 0.5: the mass sits on the equivalent of half the frames).
+        masses = stats.frame_mass[0][frame_mask[index]]
+        shares = masses / masses.sum().clamp_min(1e-30)
+        entropy = -(shares * shares.clamp_min(1e-30).log()).sum()
+        store["effective_frames"].append(float(entropy.exp() / masses.numel()))
+        # The share of the transported mass on frames inside no word (leading and trailing silence or noise).
+        outside = (reference < 0) & frame_mask[index]
+        store["mass_outside_words"].append(float(word_plan[outside].sum() / word_plan.sum().clamp_min(1e-30)))
 
 
 # -------------------------------------------------------------------------------------------------------- report
@@ -398,6 +442,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     run.add_argument("--regimes", nargs="+", choices=["clean", "padded", "low-resource"], help="only these regimes")
     run.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     run.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
+    run.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (training is kept)")
     evaluate = commands.add_parser("evaluate", help="evaluate one trained run folder")
     evaluate.add_argument("folder")
     evaluate.add_argument("--data_dir", default=CLEAN_CORPUS)
@@ -420,7 +465,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 f"Missing corpus {', '.join(missing)}: build it first (make experiments-data, or "
                 "python -m modeling_uot_ctc.corpus, see docs/RESULTS.md)."
             )
-        run_many(rows, args.seeds, args.jobs)
+        run_many(rows, args.seeds, args.jobs, reevaluate=args.reevaluate)
     elif args.command == "evaluate":
         metrics = evaluate_run(args.folder, args.data_dir)
         print(json.dumps({k: v for k, v in metrics.items() if k != "rho_sweep"}, indent=2))

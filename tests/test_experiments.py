@@ -77,18 +77,22 @@ def test_plan_is_scored_per_word_against_the_timings():
     reference = torch.tensor([0, 1, 1, -1])
     plan = torch.zeros(4, 3)
     plan[0, 0] = plan[1, 0] = plan[2, 2] = plan[3, 1] = 0.25  # frame 1 goes to the wrong word
-    store = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    store = {k: [] for k in experiments.SCORES}
     experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
     # Assigned frames 0..3; right: frames 0 and 2 -> precision 2/4. Reference frames 0..2; right: 0 and 2 -> 2/3.
     assert store["precision"] == [pytest.approx(0.5)]
     assert store["recall"] == [pytest.approx(2 / 3)]
     assert store["dropped"] == [0.0] and store["mass"] == [pytest.approx(1.0)]
+    # Every frame carries its share; a quarter of the mass sits on the silence frame.
+    assert store["effective_frames"] == [pytest.approx(1.0)] and store["mass_outside_words"] == [pytest.approx(0.25)]
 
     plan[3, 1] = 0.0  # the silence frame now drops out: precision 2/3, recall unchanged
-    store = {"dropped": [], "mass": [], "precision": [], "recall": []}
+    store = {k: [] for k in experiments.SCORES}
     experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
     assert store["precision"] == [pytest.approx(2 / 3)] and store["recall"] == [pytest.approx(2 / 3)]
     assert store["dropped"] == [pytest.approx(0.25)]
+    # Three equal frames out of four: perplexity 3, three quarters of the frames; nothing on the silence.
+    assert store["effective_frames"] == [pytest.approx(0.75)] and store["mass_outside_words"] == [0.0]
 
 
 def test_diagonal_plans_cut_the_valid_frames_in_order():
@@ -155,10 +159,12 @@ def test_evaluation_agrees_with_the_pipeline_and_jiwer(tmp_path):
         assert metrics[f"wer_{name}"] == pytest.approx(expected)
 
     assert 0 <= metrics["alignment"]["precision"] <= 1 and 0 <= metrics["alignment"]["recall"] <= 1
-    balanced = metrics["rho_sweep"][-1]
-    assert balanced["rho_frames"] is None  # inf: every frame keeps its share
-    assert balanced["dropped"] == 0 and balanced["mass"] == pytest.approx(1.0, abs=1e-4)
-    assert [p["rho_frames"] for p in metrics["rho_sweep"][:-1]] == list(experiments.RHO_GRID[:-1])
+    for eps in experiments.SWEEP_EPS:
+        curve = [point for point in metrics["rho_sweep"] if point["eps"] == eps]
+        assert [p["rho_frames"] for p in curve] == [*experiments.RHO_GRID[:-1], None]
+        balanced = curve[-1]  # rho inf: every frame keeps its share
+        assert balanced["dropped"] == 0 and balanced["mass"] == pytest.approx(1.0, abs=1e-3)
+        assert balanced["effective_frames"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_report_tables_spreads_and_plots(tmp_path):
@@ -167,7 +173,8 @@ def test_report_tables_spreads_and_plots(tmp_path):
         if precision is not None:
             metrics["alignment"] = {"precision": precision, "recall": 0.5, "dropped": 0.1, "mass": 1.0}
             metrics["rho_sweep"] = [
-                {"rho_frames": r, "dropped": 0.2, "mass": 1.0, "precision": 0.4, "recall": 0.5}
+                {"eps": e, "rho_frames": r, **{k: precision + e for k in experiments.SCORES}}
+                for e in (0.1, 0.02)
                 for r in (0.1, 1.0, None)
             ]
         return metrics
@@ -190,6 +197,8 @@ def test_report_tables_spreads_and_plots(tmp_path):
     # Paired with CTC seed by seed: -0.1, -0.2, -0.3.
     assert cells[7] == f"{-0.2:.3f} ± {0.1:.3f}"
     assert cells[8] == f"{0.4:.3f} ± {0.1:.3f}"
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| uot_rho1.0 (n=3) | 0.02 | inf"))
+    assert sweep_line.count(f"{0.42:.3f} ± {0.1:.3f}") == 5  # the seeds' precision + eps: 0.32, 0.52, 0.42
     assert "not run yet" in next(line for line in text.splitlines() if line.startswith("| tot |"))
     for name in ("wer.png", "degree_of_matching.png"):
         image = __import__("matplotlib.pyplot").pyplot.imread(docs / "results" / name)
@@ -222,3 +231,17 @@ def test_finished_runs_are_read_back_and_unfinished_ones_evaluated_only(tmp_path
     calls.clear()  # nothing there yet: train, then evaluate
     experiments.run_one(row, 2, log=lambda _: None)
     assert calls == [["run_speech_recognition_uot.py", experiments.BASE_CONFIG], [experiments.__file__, "evaluate"]]
+
+
+def test_frame_fit_spread_is_zero_for_equal_frames_and_grows_with_a_misfit():
+    eps = 0.1
+    cost = torch.full((2, 4, 3), 0.5)
+    cost[1, 3] = 0.5 + 4 * eps  # one frame fits every token 4 eps worse than the others
+    masks = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
+    spreads = experiments.frame_fit_spreads(cost, *masks, eps)
+    assert spreads[0] == pytest.approx(0.0, abs=1e-6)
+    assert spreads[1] == pytest.approx(float(torch.tensor([0.0, 0.0, 0.0, 4.0]).std()), rel=1e-5)
+    calls.clear()  # a changed evaluation: evaluate the finished run again, keep its training
+    (finished / "train_results.json").write_text("{}")
+    assert experiments.run_one(row, 0, log=lambda _: None, reevaluate=True) == {"wer": 0.5}
+    assert calls == [[experiments.__file__, "evaluate"]]
