@@ -232,6 +232,11 @@ def test_finished_runs_are_read_back_and_unfinished_ones_evaluated_only(tmp_path
     experiments.run_one(row, 2, log=lambda _: None)
     assert calls == [["run_speech_recognition_uot.py", experiments.BASE_CONFIG], [experiments.__file__, "evaluate"]]
 
+    calls.clear()  # a changed evaluation: evaluate the finished run again, keep its training
+    (finished / "train_results.json").write_text("{}")
+    assert experiments.run_one(row, 0, log=lambda _: None, reevaluate=True) == {"wer": 0.5}
+    assert calls == [[experiments.__file__, "evaluate"]]
+
 
 def test_frame_fit_spread_is_zero_for_equal_frames_and_grows_with_a_misfit():
     eps = 0.1
@@ -241,7 +246,3 @@ def test_frame_fit_spread_is_zero_for_equal_frames_and_grows_with_a_misfit():
     spreads = experiments.frame_fit_spreads(cost, *masks, eps)
     assert spreads[0] == pytest.approx(0.0, abs=1e-6)
     assert spreads[1] == pytest.approx(float(torch.tensor([0.0, 0.0, 0.0, 4.0]).std()), rel=1e-5)
-    calls.clear()  # a changed evaluation: evaluate the finished run again, keep its training
-    (finished / "train_results.json").write_text("{}")
-    assert experiments.run_one(row, 0, log=lambda _: None, reevaluate=True) == {"wer": 0.5}
-    assert calls == [[experiments.__file__, "evaluate"]]
