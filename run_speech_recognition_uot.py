@@ -493,7 +493,8 @@ def build_compute_metrics(tokenizer, metric_names):
     metrics = {name: evaluate.load(METRIC_PATHS[name]) for name in metric_names}
 
     def compute_metrics(prediction):
-        pred_ids = prediction.predictions
+        # The Trainer pads predictions of unequal length across batches with -100; those are blanks, not text.
+        pred_ids = np.where(prediction.predictions == -100, tokenizer.pad_token_id, prediction.predictions)
         label_ids = np.where(prediction.label_ids == -100, tokenizer.pad_token_id, prediction.label_ids)
         predictions = tokenizer.batch_decode(pred_ids)
         references = tokenizer.batch_decode(label_ids, group_tokens=False)

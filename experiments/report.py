@@ -32,34 +32,69 @@ def paired_difference(found, row_name, baseline_name, key="wer"):
     return [row[s][key] - base[s][key] for s in seeds]
 
 
+BASELINES = {"clean": "ctc", "padded": "padded_ctc", "low-resource": "low_ctc"}
+
+
+def paired_cell(differences) -> str:
+    """`mean ± sd [each seed's difference]` of paired differences."""
+    if not differences:
+        return "–"
+    return f"{mean_spread(differences)} [{', '.join(f'{d:+.3f}' for d in differences)}]"
+
+
 def table(found, rows) -> str:
+    """The recognition table: WER and CER per row (mean ± sample sd over seeds), paired differences to the regime's
+    CTC row, and each row's command."""
     from run_experiments import row_command
 
-    header = (
-        "| row | regime | seeds | WER | CER | WER seen voices | WER unseen voices | ΔWER vs CTC (paired) "
-        "| plan precision | plan recall | dropped frames | transported mass | train min | command |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
+    lines = [
+        "| row | regime | seeds | WER | CER | WER seen voices | WER unseen voices | ΔWER vs CTC, paired by seed "
+        "| ΔCER vs CTC, paired by seed | train min | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows.values():
         runs = found.get(row.name, {})
         if not runs:
-            lines.append(f"| {row.name} | {row.regime} | 0 | not run yet | | | | | | | | | | `{row_command(row)}` |")
+            lines.append(f"| {row.name} | {row.regime} | 0 | not run yet | | | | | | | `{row_command(row)}` |")
             continue
         values = list(runs.values())
         pick = lambda key: [m.get(key) for m in values]  # noqa: E731
-        align = lambda key: [m["alignment"][key] for m in values if "alignment" in m]  # noqa: E731
-        baseline = {"clean": "ctc", "padded": "padded_ctc", "low-resource": "low_ctc"}[row.regime]
-        delta = paired_difference(found, row.name, baseline) if row.name != baseline else []
+        baseline = BASELINES[row.regime]
+        paired = row.name != baseline
+        minutes = [m["train_minutes"] for m in values if m.get("train_minutes") is not None]
         lines.append(
             f"| {row.name} | {row.regime} | {len(runs)} | {mean_spread(pick('wer'))} | {mean_spread(pick('cer'))} "
             f"| {mean_spread(pick('wer_seen'))} | {mean_spread(pick('wer_unseen'))} "
-            f"| {mean_spread(delta) if delta else '–'} "
-            f"| {mean_spread(align('precision'))} | {mean_spread(align('recall'))} "
-            f"| {mean_spread(align('dropped'))} | {mean_spread(align('mass'))} "
-            f"| {np.mean([m.get('train_minutes') or 0 for m in values]):.1f} | `{row_command(row)}` |"
+            f"| {paired_cell(paired_difference(found, row.name, baseline)) if paired else '–'} "
+            f"| {paired_cell(paired_difference(found, row.name, baseline, 'cer')) if paired else '–'} "
+            f"| {np.mean(minutes) if minutes else float('nan'):.1f} | `{row_command(row)}` |"
         )
-    return header + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def alignment_table(found, rows) -> str:
+    """The alignment table for rows with an aligner: the training plan scored against the word timings."""
+    lines = [
+        "| row | plan precision | plan recall | diagonal plan precision | dropped frames | effective frames "
+        "| mass outside words | frame-fit spread / eps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        values = [m for m in found.get(row.name, {}).values() if "alignment" in m]
+        if not values:
+            continue
+        align = lambda key, part="alignment": [m[part].get(key) for m in values]  # noqa: E731
+        cells = [mean_spread(align(k)) for k in ("precision", "recall")]
+        cells.append(mean_spread(align("precision", "alignment_diagonal")))
+        cells += [mean_spread(align(k)) for k in ("dropped", "effective_frames", "mass_outside_words")]
+        cells.append(mean_spread([m.get("frame_fit_spread_over_eps") for m in values]))
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_points(metrics) -> dict:
+    """A run's degree-of-matching curve keyed by `(eps, rho_frames)` (`None` for balanced), in the run's order."""
+    return {(point["eps"], point["rho_frames"]): point for point in metrics["rho_sweep"]}
 
 
 def sweep_table(found, row_names) -> str:
@@ -71,11 +106,12 @@ def sweep_table(found, row_names) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in row_names:
-        runs = [m for m in found.get(name, {}).values() if "rho_sweep" in m]
-        for position, point in enumerate(runs[0]["rho_sweep"] if runs else []):
-            rho = "inf (balanced)" if point["rho_frames"] is None else point["rho_frames"]
-            cells = [mean_spread([m["rho_sweep"][position].get(k) for m in runs]) for k in columns]
-            lines.append(f"| {name} (n={len(runs)}) | {point['eps']} | {rho} | " + " | ".join(cells) + " |")
+        runs = [sweep_points(m) for m in found.get(name, {}).values() if "rho_sweep" in m]
+        for key in runs[0] if runs else []:
+            eps, rho = key
+            label = "inf (balanced)" if rho is None else rho
+            cells = [mean_spread([points[key].get(k) for points in runs if key in points]) for k in columns]
+            lines.append(f"| {name} (n={len(runs)}) | {eps} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,14 +151,14 @@ def plot_degree_of_matching(found, row_names, path) -> None:
         runs = [m for m in found.get(name, {}).values() if "rho_sweep" in m]
         if not runs:
             continue
-        sweep = runs[0]["rho_sweep"]
-        for eps in sorted({p["eps"] for p in sweep}, reverse=True):
-            positions = [i for i, p in enumerate(sweep) if p["eps"] == eps]
-            finite = [sweep[i]["rho_frames"] for i in positions if sweep[i]["rho_frames"] is not None]
+        curves = [sweep_points(m) for m in runs]
+        for eps in sorted({eps for eps, _ in curves[0]}, reverse=True):
+            keys = [key for key in curves[0] if key[0] == eps]
+            finite = [rho for _, rho in keys if rho is not None]
             # Balanced transport (rho = inf) is drawn one decade past the grid.
-            xs = finite + [finite[-1] * 10] * (len(positions) - len(finite))
-            for axis, (key, _) in zip(axes, panels):
-                ys = [np.mean([m["rho_sweep"][i].get(key, np.nan) for m in runs]) for i in positions]
+            xs = finite + [finite[-1] * 10] * (len(keys) - len(finite))
+            for axis, (score, _) in zip(axes, panels):
+                ys = [np.nanmean([curve[key].get(score, np.nan) for curve in curves if key in curve]) for key in keys]
                 axis.plot(xs, ys, marker="o", label=f"{name}, eps {eps}")
     for axis, (_, title) in zip(axes, panels):
         axis.set_xscale("log")
@@ -144,6 +180,8 @@ def write_report(found, rows, output: str) -> None:
     generated = (
         f"{TABLE_START}\n<!-- written by `python experiments/run_experiments.py report`; edit the prose only -->\n\n"
         + table(found, rows)
+        + "\n#### The transport plans against the word timings (rows with an aligner)\n\n"
+        + alignment_table(found, rows)
         + "\n#### Degree of matching on the trained models' own costs\n\n"
         + sweep_table(found, curve_rows)
         + f"\n{TABLE_END}"

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = "configs/experiments.yaml"
 RUNS_DIR = "outputs/experiments"
@@ -45,7 +47,9 @@ RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
 SWEEP_EPS = (0.1, 0.02)
 SCORES = ("dropped", "mass", "precision", "recall", "effective_frames", "mass_outside_words")
 DEFAULT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
-FRAME_SECONDS = 0.02  # wav2vec 2.0 frames: a stride of 320 samples at 16 kHz
+SAMPLING_RATE = 16_000
+# Bump when the evaluation changes: the report refuses metrics of another version (rerun with --reevaluate).
+EVAL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Row:
         return PADDED_CORPUS if self.regime == "padded" else CLEAN_CORPUS
 
     def train_argv(self, seed: int) -> list[str]:
+        """The training script's arguments for this row and seed."""
         flags = {"data_dir": self.data_dir, **self.flags, "seed": seed, "output_dir": run_dir(self, seed)}
         if self.regime == "low-resource":
             flags["max_train_samples"] = LOW_RESOURCE_SAMPLES
@@ -97,6 +102,7 @@ ROWS = {row.name: row for row in _rows()}
 
 
 def run_dir(row: Row, seed: int) -> str:
+    """Where one run's model, logs and metrics live."""
     return os.path.join(RUNS_DIR, row.name, f"seed{seed}")
 
 
@@ -141,12 +147,15 @@ def run_one(row: Row, seed: int, log=print, reevaluate: bool = False) -> dict:
                 check=True,
             )
     log(f"[{row.name} seed {seed}] evaluating")
-    subprocess.run(
-        [sys.executable, __file__, "evaluate", folder, "--data_dir", row.data_dir],
-        cwd=ROOT,
-        env=env,
-        check=True,
-    )
+    with open(os.path.join(folder, "evaluate.log"), "a", encoding="utf-8") as handle:
+        subprocess.run(
+            [sys.executable, __file__, "evaluate", folder, "--data_dir", row.data_dir],
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
     with open(metrics_path, encoding="utf-8") as handle:
         metrics = json.load(handle)
     log(f"[{row.name} seed {seed}] done in {(time.time() - started) / 60:.1f} min: WER {metrics['wer']:.3f}")
@@ -154,6 +163,7 @@ def run_one(row: Row, seed: int, log=print, reevaluate: bool = False) -> dict:
 
 
 def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> None:
+    """Run every (row, seed) not yet done, `jobs` at a time; list the failures at the end."""
     pending = [(row, seed) for row in rows for seed in seeds]
     todo = [(r, s) for r, s in pending if not os.path.isfile(os.path.join(run_dir(r, s), "experiment_metrics.json"))]
     if reevaluate:
@@ -169,9 +179,12 @@ def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> Non
         row, seed = item
         try:
             run_one(row, seed, reevaluate=reevaluate)
-        except subprocess.CalledProcessError as error:
-            failures.append(f"{row.name} seed {seed}: exit {error.returncode}, see {run_dir(row, seed)}/train.log")
-            print(f"[{row.name} seed {seed}] FAILED ({failures[-1]})", flush=True)
+        except Exception as error:  # one failed run must not stop the others
+            stage = (
+                "evaluation" if os.path.isfile(os.path.join(run_dir(row, seed), "train_results.json")) else "training"
+            )
+            failures.append(f"{row.name} seed {seed}: {stage} failed ({error}); see {run_dir(row, seed)}/train.log")
+            print(f"[{row.name} seed {seed}] FAILED: {failures[-1]}", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(attempt, todo))
@@ -182,13 +195,24 @@ def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> Non
 # --------------------------------------------------------------------------------------------------- evaluation
 
 
-def word_reference(n_frames: int, words: list, n_words: int):
-    """For each frame, the index of the word whose timing holds the frame's centre, or -1 (padding, silence)."""
+def frame_timing(config) -> tuple[float, float]:
+    """`(hop, first_centre)` in seconds: frame `t` of the convolutional front end is centred on
+    `first_centre + t * hop`, the middle of its receptive field."""
+    hop, receptive_field = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        receptive_field += (kernel - 1) * hop
+        hop *= stride
+    return hop / SAMPLING_RATE, (receptive_field - 1) / 2 / SAMPLING_RATE
+
+
+def word_reference(n_frames: int, words: list, hop: float, first_centre: float):
+    """For each frame, the index of the word whose timing `[start, end)` holds the frame's centre, or -1 (leading
+    silence, added padding). `words` is the corpus's `[[word, start_s, end_s], ...]`."""
     import torch
 
     reference = torch.full((n_frames,), -1, dtype=torch.long)
-    centres = (torch.arange(n_frames, dtype=torch.float64) + 0.5) * FRAME_SECONDS
-    for index, (_, start, end) in enumerate(words[:n_words]):
+    centres = first_centre + torch.arange(n_frames, dtype=torch.float64) * hop
+    for index, (_, start, end) in enumerate(words):
         reference[(centres >= start) & (centres < end)] = index
     return reference
 
@@ -203,18 +227,21 @@ def token_words(tokenizer, text: str) -> list[int]:
     return result
 
 
-def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache_dir: Optional[str] = None) -> dict:
+def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_dir: Optional[str] = None) -> dict:
     """Transcribe the test split with the saved model and measure it; writes `experiment_metrics.json`.
 
     Args:
         folder: a run's output folder (the saved model and processor).
-        data_dir: the corpus it was trained on (audiofolder layout with word timings, `seen_voice`).
-        batch_size: utterances per forward pass.
+        data_dir: the corpus it was trained on (audiofolder layout with word timings and `seen_voice`).
+        batch_size: utterances per forward pass. Keep 1 for models with a group-norm front end
+            (`feat_extract_norm="group"`, as in configs/experiments.yaml): it normalises over the padded input, so
+            padding would change the other utterances' frames, and the pipeline transcribes one file at a time.
         teacher_cache_dir: the teacher-state cache (default: the training script's default).
     """
     import evaluate
     import numpy as np
     import torch
+    import yaml
     from transformers import Wav2Vec2Processor
 
     sys.path.insert(0, ROOT)
@@ -223,13 +250,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
     from run_speech_recognition_uot import decode_audio, default_teacher_cache_dir, normalise_text
 
-    import yaml
-
+    # Transcripts are normalised as the experiments' training normalised them.
     with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
         chars_to_ignore = yaml.safe_load(handle).get("chars_to_ignore")
     processor = Wav2Vec2Processor.from_pretrained(folder)
     model = Wav2Vec2ForCTCWithUOT.from_pretrained(folder).eval()
     config = model.config
+    hop, first_centre = frame_timing(config)
     aligned = config.aligner != "none"
     teacher = cache = None
     if aligned:
@@ -248,53 +275,54 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
     rows.sort(key=lambda r: len(r["audio"]))
 
     predictions = {}
-    per_rho = {(eps, rho): {k: [] for k in SCORES} for eps in SWEEP_EPS for rho in RHO_GRID}
+    sweep = {(eps, rho): {k: [] for k in SCORES} for eps in SWEEP_EPS for rho in RHO_GRID}
     trained, diagonal = {k: [] for k in SCORES}, {k: [] for k in SCORES}
     frame_fit_spread = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = processor.feature_extractor(
-                [r["audio"] for r in chunk], sampling_rate=16_000, padding=True, return_tensors="pt"
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluating {folder}", mininterval=30):
+        chunk = rows[start : start + batch_size]
+        batch = processor.feature_extractor(
+            [r["audio"] for r in chunk], sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt"
+        )
+        teacher_inputs = {}
+        if aligned:
+            states = cache([r["normalised"] for r in chunk])
+            teacher_inputs = dict(
+                teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask
             )
-            kwargs = {}
-            if aligned:
-                states = cache([r["normalised"] for r in chunk])
-                kwargs = dict(teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask)
+        with torch.no_grad():
             outputs = model(
                 batch.input_values,
                 attention_mask=batch.attention_mask,
                 output_hidden_states=aligned,
                 output_alignments=True,
-                **kwargs,
+                **teacher_inputs,
             )
-            # Each utterance decoded over its own frames only: padding frames of a batch may emit characters.
-            lengths = model._get_feat_extract_output_lengths(batch.attention_mask.sum(-1))
-            for row, ids, length in zip(chunk, outputs.logits.argmax(-1), lengths):
-                predictions[row["file_name"]] = processor.decode(ids[: int(length)])
-            if not aligned:
-                continue
-            # The plan the model trains with, and the same costs solved over the grid of rho_frames.
-            frame_mask = model._get_feature_vector_attention_mask(outputs.logits.shape[1], batch.attention_mask).bool()
-            token_mask = states.attention_mask.bool()
-            layer = config.kt_encoder_layer
-            acoustic = outputs.hidden_states[layer] if layer != -1 else outputs.hidden_states[-1]
+        # Each utterance decoded over its own frames only: padding frames of a batch may emit characters.
+        lengths = model._get_feat_extract_output_lengths(batch.attention_mask.sum(-1))
+        for row, ids, length in zip(chunk, outputs.logits.argmax(-1), lengths):
+            predictions[row["file_name"]] = processor.decode(ids[: int(length)])
+        if not aligned:
+            continue
+
+        # The plan the model trains with, a no-information plan, and the model's costs solved over the grid.
+        frame_mask = model._get_feature_vector_attention_mask(outputs.logits.shape[1], batch.attention_mask).bool()
+        token_mask = states.attention_mask.bool()
+        with torch.no_grad():
+            acoustic = outputs.hidden_states[config.kt_encoder_layer]
             frames = model.kt_adapter(acoustic)
             teacher_states = torch.where(token_mask[:, :, None], states.hidden_states.to(frames.dtype), 0.0)
             cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
-            groups = _word_groups(chunk, teacher.tokenizer, token_mask, frame_mask)
-            _collect(trained, outputs.alignments, groups, frame_mask)
-            frame_fit_spread += frame_fit_spreads(cost, frame_mask, token_mask, config.alignment_eps)
-            _collect(diagonal, diagonal_plans(frame_mask, token_mask), groups, frame_mask)
-            settings = config.solver_settings
-            for eps, rho in per_rho:
-                plan = ALIGNERS["uot"](
-                    cost, frame_mask, token_mask, **{**settings, "eps": eps, "rho_frames": rho}
-                ).plan
-                _collect(per_rho[eps, rho], plan, groups, frame_mask)
+        references = word_alignment_references(chunk, teacher.tokenizer, token_mask, frame_mask, hop, first_centre)
+        score_plans(trained, outputs.alignments, references, frame_mask)
+        score_plans(diagonal, diagonal_plans(frame_mask, token_mask), references, frame_mask)
+        frame_fit_spread += frame_fit_spreads(cost, frame_mask, token_mask, config.alignment_eps)
+        for eps, rho in sweep:
+            settings = {**config.solver_settings, "eps": eps, "rho_frames": rho}
+            result = ALIGNERS["uot"](cost, frame_mask, token_mask, **settings)
+            score_plans(sweep[eps, rho], result.plan, references, frame_mask, converged=result.converged)
 
     wer, cer = evaluate.load(METRIC_PATHS["wer"]), evaluate.load(METRIC_PATHS["cer"])
-    metrics = {"test_utterances": len(rows), "aligner": config.aligner}
+    metrics = {"eval_version": EVAL_VERSION, "test_utterances": len(rows), "aligner": config.aligner}
     for subset, keep in (
         ("", lambda r: True),
         ("_seen", lambda r: r["seen_voice"] == "True"),
@@ -306,23 +334,23 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 16, teacher_cache
         hyps, refs = [predictions[r["file_name"]] for r in chosen], [r["normalised"] for r in chosen]
         metrics[f"wer{subset}"] = wer.compute(predictions=hyps, references=refs)
         metrics[f"cer{subset}"] = cer.compute(predictions=hyps, references=refs)
+        metrics[f"utterances{subset}"] = len(chosen)
     if aligned:
-        metrics["alignment"] = {k: float(np.nanmean(v)) for k, v in trained.items()}
-        metrics["alignment_diagonal"] = {k: float(np.nanmean(v)) for k, v in diagonal.items()}
-        metrics["frame_fit_spread_over_eps"] = float(np.mean(frame_fit_spread))
+        mean = lambda values: float(np.nanmean(values)) if values else float("nan")  # noqa: E731
+        metrics["alignment_scored_utterances"] = len(trained["precision"])
+        metrics["alignment"] = {k: mean(v) for k, v in trained.items() if v}
+        metrics["alignment_diagonal"] = {k: mean(v) for k, v in diagonal.items() if v}
+        metrics["frame_fit_spread_over_eps"] = mean(frame_fit_spread)
         metrics["rho_sweep"] = [
-            {
-                "eps": eps,
-                "rho_frames": None if math.isinf(rho) else rho,
-                **{k: float(np.nanmean(v)) for k, v in values.items()},
-            }
-            for (eps, rho), values in per_rho.items()
+            {"eps": eps, "rho_frames": None if math.isinf(rho) else rho, **{k: mean(v) for k, v in values.items()}}
+            for (eps, rho), values in sweep.items()
         ]
     state_path = os.path.join(folder, "trainer_state.json")
     if os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as handle:
             history = json.load(handle)["log_history"]
         final = [h for h in history if "train_runtime" in h]
+        # A resumed run's runtime covers its last stretch only.
         metrics["train_minutes"] = final[-1]["train_runtime"] / 60 if final else None
         logged = [h for h in history if "dropped_frame_fraction" in h]
         if logged:
@@ -370,39 +398,41 @@ def diagonal_plans(frame_mask, token_mask):
     return plans
 
 
-def _word_groups(chunk, tokenizer, token_mask, frame_mask):
-    """Per example: a `(N, W)` piece-to-word matrix and the `(T,)` word reference, or None when they disagree."""
+def word_alignment_references(chunk, tokenizer, token_mask, frame_mask, hop: float, first_centre: float) -> list:
+    """Per utterance of a batch: `(pieces_to_words, frame_reference)`, a `(N, W)` 0/1 matrix grouping the teacher's
+    word pieces into whitespace words and the `(T,)` word index of each frame (see `word_reference`); `None` where
+    the two cannot be lined up."""
     import torch
 
-    groups = []
+    references = []
     for index, row in enumerate(chunk):
-        words = [w for w in json.loads(row["words"])]
-        text_words = row["normalised"].split()
+        words = json.loads(row["words"])
         n_tokens = int(token_mask[index].sum())
         piece_words = token_words(tokenizer, row["normalised"])
-        # Skip an utterance whose normalisation changed the word count (a word of punctuation only) or whose
-        # transcript the teacher truncated: its reference would not line up.
-        if len(text_words) != len(words) or len(piece_words) != n_tokens:
-            groups.append(None)
+        # Skipped (and so not counted in `alignment_scored_utterances`): an utterance whose normalisation changed its
+        # word count (a word of punctuation only), or whose transcript the teacher truncated.
+        if len(row["normalised"].split()) != len(words) or len(piece_words) != n_tokens:
+            references.append(None)
             continue
-        onehot = torch.zeros(token_mask.shape[1], len(words))
-        onehot[torch.arange(n_tokens), torch.tensor(piece_words)] = 1.0
-        reference = word_reference(frame_mask.shape[1], words, len(words))
-        groups.append((onehot, reference))
-    return groups
+        pieces_to_words = torch.zeros(token_mask.shape[1], len(words))
+        pieces_to_words[torch.arange(n_tokens), torch.tensor(piece_words)] = 1.0
+        references.append((pieces_to_words, word_reference(frame_mask.shape[1], words, hop, first_centre)))
+    return references
 
 
-def _collect(store, plans, groups, frame_mask):
-    """Word-level diagnostics of each plan: pieces of one word are summed, frames compared with the timings."""
+def score_plans(store: dict, plans, references: list, frame_mask, converged=None) -> None:
+    """Append each plan's word-level scores to the lists in `store` (keys: `SCORES`, and `converged` when given).
+
+    The plan's word-piece columns are summed per word; `alignment_diagnostics` then gives the dropped-frame
+    fraction, the mass, and precision and recall against the word timings."""
     from modeling_uot_ctc import alignment_diagnostics
 
-    for index, group in enumerate(groups):
-        plan = plans[index].float()
-        if group is None:
+    for index, reference in enumerate(references):
+        if reference is None:
             continue
-        onehot, reference = group
-        word_plan = plan @ onehot  # (T, W)
-        stats = alignment_diagnostics(word_plan[None], frame_mask[index][None], reference=reference[None])
+        pieces_to_words, frame_words = reference
+        word_plan = plans[index].float() @ pieces_to_words  # (T, W)
+        stats = alignment_diagnostics(word_plan[None], frame_mask[index][None], reference=frame_words[None])
         store["dropped"].append(float(stats.dropped_frame_fraction[0]))
         store["mass"].append(float(stats.total_mass[0]))
         store["precision"].append(float(stats.precision[0]))
@@ -413,23 +443,32 @@ def _collect(store, plans, groups, frame_mask):
         shares = masses / masses.sum().clamp_min(1e-30)
         entropy = -(shares * shares.clamp_min(1e-30).log()).sum()
         store["effective_frames"].append(float(entropy.exp() / masses.numel()))
-        # The share of the transported mass on frames inside no word (leading and trailing silence or noise).
-        outside = (reference < 0) & frame_mask[index]
+        # The share of the transported mass on frames inside no word (leading silence, added padding).
+        outside = (frame_words < 0) & frame_mask[index]
         store["mass_outside_words"].append(float(word_plan[outside].sum() / word_plan.sum().clamp_min(1e-30)))
+        if converged is not None:
+            store.setdefault("converged", []).append(float(converged[index]))
 
 
 # -------------------------------------------------------------------------------------------------------- report
 
 
-def collect(rows, seeds) -> dict:
-    """Metrics of every finished run, `{row: {seed: metrics}}`."""
-    found = {}
+def load_run_metrics(rows, seeds) -> dict:
+    """Metrics of every finished run, `{row: {seed: metrics}}`; runs evaluated by another version of the evaluation
+    are left out and named (`run --reevaluate` brings them up to date)."""
+    found, stale = {}, []
     for row in rows:
         for seed in seeds:
             path = os.path.join(run_dir(row, seed), "experiment_metrics.json")
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as handle:
-                    found.setdefault(row.name, {})[seed] = json.load(handle)
+                    metrics = json.load(handle)
+                if metrics.get("eval_version") != EVAL_VERSION:
+                    stale.append(f"{row.name} seed {seed}")
+                    continue
+                found.setdefault(row.name, {})[seed] = metrics
+    if stale:
+        print(f"left out, evaluated by an older evaluation (run --reevaluate): {', '.join(stale)}")
     return found
 
 
@@ -445,7 +484,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     run.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (training is kept)")
     evaluate = commands.add_parser("evaluate", help="evaluate one trained run folder")
     evaluate.add_argument("folder")
-    evaluate.add_argument("--data_dir", default=CLEAN_CORPUS)
+    evaluate.add_argument("--data_dir", required=True, help="the corpus the run was trained on")
     report = commands.add_parser("report", help="write the tables and plots of docs/RESULTS.md")
     report.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     report.add_argument("--output", default="docs")
@@ -472,7 +511,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "report":
         from report import write_report  # experiments/report.py
 
-        write_report(collect(list(ROWS.values()), args.seeds), ROWS, args.output)
+        write_report(load_run_metrics(list(ROWS.values()), args.seeds), ROWS, args.output)
 
 
 if __name__ == "__main__":

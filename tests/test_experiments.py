@@ -14,7 +14,7 @@ from transformers import BertTokenizerFast, pipeline
 import report
 import run_experiments as experiments
 import run_speech_recognition_uot as script
-from script_fixtures import SENTENCES, base_arguments, speech_like, write_teacher
+from script_fixtures import SENTENCES, TINY_MODEL, base_arguments, speech_like, write_teacher
 
 CHARACTER_SECONDS = 0.07  # speech_like's pace
 
@@ -57,9 +57,22 @@ def test_every_row_is_a_valid_script_command():
 
 def test_word_reference_marks_the_frames_inside_each_word():
     words = [["a", 0.0, 0.1], ["bc", 0.1, 0.3]]
-    reference = experiments.word_reference(20, words, 2).tolist()
-    # 20 ms frames, centres at 10, 30, 50 ... ms: five in the first word, ten in the second, the rest in none.
+    reference = experiments.word_reference(20, words, hop=0.02, first_centre=0.01).tolist()
+    # Centres at 10, 30, 50 ... ms: five in the first word, ten in the second, the rest in none.
     assert reference == [0] * 5 + [1] * 10 + [-1] * 5
+    # Centres 15 ms later: the first word keeps frames 0..3 (10+15 ... 70+15 ms), the second 4..13.
+    assert experiments.word_reference(20, words, 0.02, 0.025).tolist() == [0] * 4 + [1] * 10 + [-1] * 6
+
+
+def test_frame_timing_follows_the_front_end():
+    from types import SimpleNamespace
+
+    # wav2vec2-base: 400-sample receptive field, 320-sample hop (20 ms), first centre at 199.5 samples.
+    base = SimpleNamespace(conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2])
+    assert experiments.frame_timing(base) == pytest.approx((0.02, 199.5 / 16_000))
+    # configs/experiments.yaml: kernels 20, 8, 4, 4, strides 10, 4, 4, 2: 20 + 7*10 + 3*40 + 3*160 = 690 samples.
+    small = SimpleNamespace(conv_kernel=[20, 8, 4, 4], conv_stride=[10, 4, 4, 2])
+    assert experiments.frame_timing(small) == pytest.approx((0.02, 344.5 / 16_000))
 
 
 def test_word_pieces_map_to_whitespace_words(tmp_path):
@@ -78,7 +91,7 @@ def test_plan_is_scored_per_word_against_the_timings():
     plan = torch.zeros(4, 3)
     plan[0, 0] = plan[1, 0] = plan[2, 2] = plan[3, 1] = 0.25  # frame 1 goes to the wrong word
     store = {k: [] for k in experiments.SCORES}
-    experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
+    experiments.score_plans(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
     # Assigned frames 0..3; right: frames 0 and 2 -> precision 2/4. Reference frames 0..2; right: 0 and 2 -> 2/3.
     assert store["precision"] == [pytest.approx(0.5)]
     assert store["recall"] == [pytest.approx(2 / 3)]
@@ -88,7 +101,7 @@ def test_plan_is_scored_per_word_against_the_timings():
 
     plan[3, 1] = 0.0  # the silence frame now drops out: precision 2/3, recall unchanged
     store = {k: [] for k in experiments.SCORES}
-    experiments._collect(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
+    experiments.score_plans(store, plan[None], [(onehot, reference)], torch.ones(1, 4, dtype=torch.bool))
     assert store["precision"] == [pytest.approx(2 / 3)] and store["recall"] == [pytest.approx(2 / 3)]
     assert store["dropped"] == [pytest.approx(0.25)]
     # Three equal frames out of four: perplexity 3, three quarters of the frames; nothing on the silence.
@@ -137,8 +150,21 @@ def test_evaluation_agrees_with_the_pipeline_and_jiwer(tmp_path):
     corpus = write_timed_corpus(str(tmp_path / "corpus"))
     teacher = write_teacher(str(tmp_path / "teacher"))
     output_dir = str(tmp_path / "run")
-    script.main(base_arguments(corpus, teacher, output_dir, max_steps=3, chars_to_ignore=None))
-    metrics = experiments.evaluate_run(output_dir, corpus, batch_size=3, teacher_cache_dir=str(tmp_path / "cache"))
+    # A group-norm front end, as in configs/experiments.yaml, whose frames depend on padding; the script evaluates
+    # one utterance per batch, so its predictions differ in length across batches.
+    model_config = json.dumps({**TINY_MODEL, "feat_extract_norm": "group"})
+    script.main(
+        base_arguments(
+            corpus,
+            teacher,
+            output_dir,
+            max_steps=3,
+            chars_to_ignore=None,
+            model_config=model_config,
+            per_device_eval_batch_size=1,
+        )
+    )
+    metrics = experiments.evaluate_run(output_dir, corpus, teacher_cache_dir=str(tmp_path / "cache"))
 
     asr = pipeline("automatic-speech-recognition", model=output_dir, device=-1)
     with open(os.path.join(corpus, "test", "metadata.csv"), newline="") as handle:
@@ -149,7 +175,9 @@ def test_evaluation_agrees_with_the_pipeline_and_jiwer(tmp_path):
     assert [saved[row["file_name"]] for row in rows] == hypotheses
     references = [row["text"] for row in rows]
     # The script's own evaluation (batches of 4) decodes each utterance over its own frames too.
-    assert json.load(open(os.path.join(output_dir, "eval_results.json")))["eval_wer"] == pytest.approx(metrics["wer"])
+    script_results = json.load(open(os.path.join(output_dir, "eval_results.json")))
+    assert script_results["eval_wer"] == pytest.approx(metrics["wer"])
+    assert script_results["eval_cer"] == pytest.approx(metrics["cer"])
     assert metrics["wer"] == pytest.approx(jiwer.wer(references, hypotheses))
     assert metrics["cer"] == pytest.approx(jiwer.cer(references, hypotheses))
     seen = [i for i, row in enumerate(rows) if row["seen_voice"] == "True"]
@@ -171,7 +199,8 @@ def test_report_tables_spreads_and_plots(tmp_path):
     def run(wer, precision=None):
         metrics = {"wer": wer, "cer": wer / 2, "wer_seen": wer, "wer_unseen": wer + 0.1, "train_minutes": 4.0}
         if precision is not None:
-            metrics["alignment"] = {"precision": precision, "recall": 0.5, "dropped": 0.1, "mass": 1.0}
+            metrics["alignment"] = {k: 0.5 for k in experiments.SCORES} | {"precision": precision}
+            metrics["alignment_diagonal"] = {k: 0.5 for k in experiments.SCORES}
             metrics["rho_sweep"] = [
                 {"eps": e, "rho_frames": r, **{k: precision + e for k in experiments.SCORES}}
                 for e in (0.1, 0.02)
@@ -191,12 +220,16 @@ def test_report_tables_spreads_and_plots(tmp_path):
     report.write_report(found, experiments.ROWS, str(docs))
     text = (docs / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nProse before.") and text.rstrip().endswith("After.") and "\nold\n" not in text
-    line = next(line for line in text.splitlines() if line.startswith("| uot_rho1.0 |"))
-    cells = [cell.strip() for cell in line.split("|")[1:-1]]
-    assert cells[3] == f"{np.mean([0.7, 0.7, 0.4]):.3f} ± {np.std([0.7, 0.7, 0.4], ddof=1):.3f}"
-    # Paired with CTC seed by seed: -0.1, -0.2, -0.3.
-    assert cells[7] == f"{-0.2:.3f} ± {0.1:.3f}"
-    assert cells[8] == f"{0.4:.3f} ± {0.1:.3f}"
+    recognition, alignment = [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| uot_rho1.0 |")
+    ]
+    assert recognition[3] == f"{np.mean([0.7, 0.7, 0.4]):.3f} ± {np.std([0.7, 0.7, 0.4], ddof=1):.3f}"
+    # Paired with CTC seed by seed: -0.1, -0.2, -0.3 (WER) and half that (CER).
+    assert recognition[7] == f"{-0.2:.3f} ± {0.1:.3f} [-0.100, -0.200, -0.300]"
+    assert recognition[8] == f"{-0.1:.3f} ± {0.05:.3f} [-0.050, -0.100, -0.150]"
+    assert alignment[1] == f"{0.4:.3f} ± {0.1:.3f}"  # precision over the seeds: 0.3, 0.5, 0.4
     sweep_line = next(line for line in text.splitlines() if line.startswith("| uot_rho1.0 (n=3) | 0.02 | inf"))
     assert sweep_line.count(f"{0.42:.3f} ± {0.1:.3f}") == 5  # the seeds' precision + eps: 0.32, 0.52, 0.42
     assert "not run yet" in next(line for line in text.splitlines() if line.startswith("| tot |"))
@@ -246,3 +279,15 @@ def test_frame_fit_spread_is_zero_for_equal_frames_and_grows_with_a_misfit():
     spreads = experiments.frame_fit_spreads(cost, *masks, eps)
     assert spreads[0] == pytest.approx(0.0, abs=1e-6)
     assert spreads[1] == pytest.approx(float(torch.tensor([0.0, 0.0, 0.0, 4.0]).std()), rel=1e-5)
+
+
+def test_runs_of_an_older_evaluation_are_left_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "RUNS_DIR", str(tmp_path))
+    for seed, version in ((0, experiments.EVAL_VERSION), (1, experiments.EVAL_VERSION - 1), (2, None)):
+        folder = tmp_path / "ctc" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        metrics = {"wer": 0.5} if version is None else {"wer": 0.5, "eval_version": version}
+        (folder / "experiment_metrics.json").write_text(json.dumps(metrics))
+    found = experiments.load_run_metrics([experiments.ROWS["ctc"]], [0, 1, 2])
+    assert list(found["ctc"]) == [0]
+    assert "ctc seed 1, ctc seed 2" in capsys.readouterr().out

@@ -307,3 +307,21 @@ def test_padding_frames_decode_to_nothing():
     ids = masked.argmax(-1)
     assert torch.equal(masked[0], logits[0]) and torch.equal(masked[1, :short], logits[1, :short])
     assert (ids[1, short:] == 0).all() and short < n_frames
+
+
+def test_same_seed_same_initial_acoustic_model_with_or_without_transfer(corpus, teacher, tmp_path):
+    # Rows of the experiments compare seed by seed: the teacher and the adapter must not shift the encoder's draw.
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("kt_adapter")}
+
+    snapshots = {}
+    for aligner in ("none", "uot", "ot"):
+        snapshots[aligner] = Snapshot()
+        arguments = base_arguments(corpus, teacher, str(tmp_path / aligner), max_steps=1, aligner=aligner)
+        script.main([a for a in arguments if a != "--do_eval"], callbacks=[snapshots[aligner]])
+    reference = snapshots["none"].weights
+    for aligner in ("uot", "ot"):
+        weights = snapshots[aligner].weights
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference)
