@@ -278,6 +278,7 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     sweep = {(eps, rho): {k: [] for k in SCORES} for eps in SWEEP_EPS for rho in RHO_GRID}
     trained, diagonal = {k: [] for k in SCORES}, {k: [] for k in SCORES}
     frame_fit_spread = []
+    costs = []  # (cost, reference) of each scored utterance, for the sweep
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluating {folder}", mininterval=30):
         chunk = rows[start : start + batch_size]
         batch = processor.feature_extractor(
@@ -316,10 +317,33 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
         score_plans(trained, outputs.alignments, references, frame_mask)
         score_plans(diagonal, diagonal_plans(frame_mask, token_mask), references, frame_mask)
         frame_fit_spread += frame_fit_spreads(cost, frame_mask, token_mask, config.alignment_eps)
+        for index, reference in enumerate(references):
+            if reference is not None:
+                n_frames, n_tokens = int(frame_mask[index].sum()), int(token_mask[index].sum())
+                pieces_to_words, frame_words = reference
+                costs.append((cost[index, :n_frames, :n_tokens], (pieces_to_words[:n_tokens], frame_words[:n_frames])))
+
+    # The sweep, solved in padded batches (the utterances are in length order): one solve per (eps, rho) and batch.
+    for first in range(0, len(costs), 32):
+        group = costs[first : first + 32]
+        shape = (len(group), max(c.shape[0] for c, _ in group), max(c.shape[1] for c, _ in group))
+        cost = torch.zeros(shape)
+        frame_mask, token_mask = torch.zeros(shape[:2], dtype=torch.bool), torch.zeros(shape[::2], dtype=torch.bool)
+        for index, (one, _) in enumerate(group):
+            cost[index, : one.shape[0], : one.shape[1]] = one
+            frame_mask[index, : one.shape[0]], token_mask[index, : one.shape[1]] = True, True
         for eps, rho in sweep:
             settings = {**config.solver_settings, "eps": eps, "rho_frames": rho}
             result = ALIGNERS["uot"](cost, frame_mask, token_mask, **settings)
-            score_plans(sweep[eps, rho], result.plan, references, frame_mask, converged=result.converged)
+            for index, (one, reference) in enumerate(group):
+                n_frames, n_tokens = one.shape
+                score_plans(
+                    sweep[eps, rho],
+                    result.plan[index : index + 1, :n_frames, :n_tokens],
+                    [reference],
+                    frame_mask[index : index + 1, :n_frames],
+                    converged=result.converged[index : index + 1],
+                )
 
     wer, cer = evaluate.load(METRIC_PATHS["wer"]), evaluate.load(METRIC_PATHS["cer"])
     metrics = {"eval_version": EVAL_VERSION, "test_utterances": len(rows), "aligner": config.aligner}
