@@ -290,6 +290,8 @@ def pad_corpus(
     for split in ("train", "test"):
         with open(os.path.join(source, split, "metadata.csv"), newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ValueError(f"{source}/{split}/metadata.csv lists no utterance.")
         os.makedirs(os.path.join(output, split), exist_ok=True)
         for row in tqdm(rows, desc=f"padding {split}", unit="utt", disable=not progress):
             audio, rate = soundfile.read(os.path.join(source, split, row["file_name"]), dtype="float32")
