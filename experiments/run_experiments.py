@@ -77,7 +77,8 @@ class Row:
 
 
 def _rows() -> list[Row]:
-    # In the order `run` works through them: the clean ablation first, then the harder regimes, then kt_weight.
+    # In the order `run` works through them: the clean ablation, the harder regimes' main contrasts, the kt_weight
+    # sweep, then the harder regimes' further rows.
     uot = lambda rho, **extra: {"aligner": "uot", "rho_frames": rho, **extra}  # noqa: E731
     return [
         Row("ctc", "clean", "CTC only (no teacher)", {"aligner": "none"}),
@@ -88,13 +89,13 @@ def _rows() -> list[Row]:
         Row("uot_rho10.0", "clean", "UOT transfer, rho_frames 10", uot(10.0)),
         Row("padded_ctc", "padded", "CTC only (no teacher)", {"aligner": "none"}),
         Row("padded_ot", "padded", "balanced OT transfer", {"aligner": "ot"}),
-        Row("padded_uot_rho0.1", "padded", "UOT transfer, rho_frames 0.1", uot(0.1)),
         Row("padded_uot_rho1.0", "padded", "UOT transfer, rho_frames 1", uot(1.0)),
         Row("low_ctc", "low-resource", "CTC only (no teacher)", {"aligner": "none"}),
-        Row("low_ot", "low-resource", "balanced OT transfer", {"aligner": "ot"}),
         Row("low_uot_rho1.0", "low-resource", "UOT transfer, rho_frames 1", uot(1.0)),
         Row("uot_rho1.0_kt0.1", "clean", "UOT, rho_frames 1, kt_weight 0.1", uot(1.0, kt_weight=0.1)),
         Row("uot_rho1.0_kt2.0", "clean", "UOT, rho_frames 1, kt_weight 2", uot(1.0, kt_weight=2.0)),
+        Row("padded_uot_rho0.1", "padded", "UOT transfer, rho_frames 0.1", uot(0.1)),
+        Row("low_ot", "low-resource", "balanced OT transfer", {"aligner": "ot"}),
     ]
 
 
@@ -126,6 +127,38 @@ def run_one(row: Row, seed: int, log=print, reevaluate: bool = False) -> dict:
     if os.path.isfile(metrics_path) and not reevaluate:
         with open(metrics_path, encoding="utf-8") as handle:
             return json.load(handle)
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, "running.pid")
+    if _held_by_another_process(lock):
+        log(f"[{row.name} seed {seed}] skipped: another runner is working on it ({lock})")
+        return None
+    with open(lock, "w", encoding="utf-8") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        return _train_and_evaluate(row, seed, folder, metrics_path, log)
+    finally:
+        os.remove(lock)
+
+
+def _held_by_another_process(lock: str) -> bool:
+    """Whether `lock` names a live process other than this one (a lock left by a killed runner does not count)."""
+    try:
+        with open(lock, encoding="utf-8") as handle:
+            pid = int(handle.read().strip())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_and_evaluate(row: Row, seed: int, folder: str, metrics_path: str, log) -> dict:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -135,7 +168,6 @@ def run_one(row: Row, seed: int, log=print, reevaluate: bool = False) -> dict:
     }
     started = time.time()
     if not os.path.isfile(os.path.join(folder, "train_results.json")):
-        os.makedirs(folder, exist_ok=True)
         log(f"[{row.name} seed {seed}] training: {train_command(row, seed)}")
         with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
             subprocess.run(

@@ -291,3 +291,24 @@ def test_runs_of_an_older_evaluation_are_left_out(tmp_path, monkeypatch, capsys)
     found = experiments.load_run_metrics([experiments.ROWS["ctc"]], [0, 1, 2])
     assert list(found["ctc"]) == [0]
     assert "ctc seed 1, ctc seed 2" in capsys.readouterr().out
+
+
+def test_a_run_another_runner_holds_is_skipped(tmp_path, monkeypatch):
+    import subprocess as real_subprocess
+
+    monkeypatch.setattr(experiments, "RUNS_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda argv, **kwargs: calls.append(argv))
+    folder = tmp_path / "ctc" / "seed0"
+    folder.mkdir(parents=True)
+    other = real_subprocess.Popen(["sleep", "60"])
+    try:
+        (folder / "running.pid").write_text(str(other.pid))
+        assert experiments.run_one(experiments.ROWS["ctc"], 0, log=lambda _: None) is None and calls == []
+    finally:
+        other.kill()
+        other.wait()
+    # The other runner is gone: its lock no longer counts, and this runner's own lock is removed afterwards.
+    with pytest.raises(FileNotFoundError):  # the fake subprocess writes no metrics
+        experiments.run_one(experiments.ROWS["ctc"], 0, log=lambda _: None)
+    assert len(calls) == 2 and not (folder / "running.pid").exists()
