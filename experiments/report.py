@@ -61,7 +61,7 @@ def table(found, rows) -> str:
         pick = lambda key: [m.get(key) for m in values]  # noqa: E731
         baseline = BASELINES[row.regime]
         paired = row.name != baseline
-        minutes = [m["train_minutes"] for m in values if m.get("train_minutes") is not None]
+        minutes = [m["train_minutes"] for m in values if m.get("train_minutes") and not m.get("train_resumed")]
         lines.append(
             f"| {row.name} | {row.regime} | {len(runs)} | {mean_spread(pick('wer'))} | {mean_spread(pick('cer'))} "
             f"| {mean_spread(pick('wer_seen'))} | {mean_spread(pick('wer_unseen'))} "

@@ -168,6 +168,8 @@ def _train_and_evaluate(row: Row, seed: int, folder: str, metrics_path: str, log
     }
     started = time.time()
     if not os.path.isfile(os.path.join(folder, "train_results.json")):
+        if any(name.startswith("checkpoint-") for name in os.listdir(folder)):
+            open(os.path.join(folder, "resumed"), "w").close()  # the script resumes from the checkpoint
         log(f"[{row.name} seed {seed}] training: {train_command(row, seed)}")
         with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
             subprocess.run(
@@ -200,9 +202,8 @@ def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> Non
     todo = [(r, s) for r, s in pending if not os.path.isfile(os.path.join(run_dir(r, s), "experiment_metrics.json"))]
     if reevaluate:
         todo = pending
-    print(
-        f"{len(pending)} runs asked for, {len(pending) - len(todo)} already done, {len(todo)} to run, {jobs} at a time"
-    )
+    done = len(pending) - len(todo) if not reevaluate else 0
+    print(f"{len(pending)} runs asked for, {done} done, {len(todo)} to run or to evaluate again, {jobs} at a time")
     if not todo:
         return
     failures = []
@@ -406,7 +407,6 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
         with open(state_path, encoding="utf-8") as handle:
             history = json.load(handle)["log_history"]
         final = [h for h in history if "train_runtime" in h]
-        # A resumed run's runtime covers its last stretch only.
         metrics["train_minutes"] = final[-1]["train_runtime"] / 60 if final else None
         logged = [h for h in history if "dropped_frame_fraction" in h]
         if logged:
@@ -522,6 +522,8 @@ def load_run_metrics(rows, seeds) -> dict:
                 if metrics.get("eval_version") != EVAL_VERSION:
                     stale.append(f"{row.name} seed {seed}")
                     continue
+                # A resumed run's runtime covers its last stretch only; the report leaves it out of the timing.
+                metrics["train_resumed"] = os.path.isfile(os.path.join(run_dir(row, seed), "resumed"))
                 found.setdefault(row.name, {})[seed] = metrics
     if stale:
         print(f"left out, evaluated by an older evaluation (run --reevaluate): {', '.join(stale)}")
