@@ -116,20 +116,37 @@ def sweep_table(found, row_names) -> str:
 
 
 def plot_wer(found, rows, path) -> None:
+    """Left: each row's test WER (dots: seeds, bar: mean). Right: the paired change against its CTC row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [name for name in rows if found.get(name)]
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
+    compared = [name for name in names if name != BASELINES[rows[name].regime]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.9 * len(names) + 4), 4.5))
+    all_values = []
     for position, name in enumerate(names):
         values = [m["wer"] for m in found[name].values()]
-        axis.bar(position, np.mean(values), color="#9ab", width=0.7)
-        axis.scatter([position] * len(values), values, color="#124", s=12, zorder=3)
-    axis.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    axis.set_ylabel("test WER (bar: mean, dots: seeds)")
-    axis.set_title("Word error rate per row")
+        all_values += values
+        left.bar(position, np.mean(values), color="#9ab", width=0.7)
+        left.scatter([position] * len(values), values, color="#124", s=14, zorder=3)
+    left.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    if all_values:
+        left.set_ylim(min(all_values) - 0.05, max(all_values) + 0.03)
+    left.set_ylabel("test WER")
+    left.set_title("WER per row (bar: mean over seeds, dots: seeds)", fontsize=10)
+    for position, name in enumerate(compared):
+        differences = paired_difference(found, name, BASELINES[rows[name].regime])
+        if differences:
+            right.bar(position, np.mean(differences), color="#c97", width=0.7)
+            right.scatter([position] * len(differences), differences, color="#421", s=14, zorder=3)
+    right.axhline(0.0, color="black", linewidth=0.8)
+    right.set_xticks(range(len(compared)), compared, rotation=60, ha="right")
+    right.set_ylabel("WER minus CTC-only WER, same seed")
+    right.set_title("Change against CTC only in the same regime (below 0: better)", fontsize=10)
+    for axis in (left, right):
+        axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -175,7 +192,7 @@ def write_report(found, rows, output: str) -> None:
     """Write the plots into `<output>/results/` and the tables into `<output>/RESULTS.md` between the markers."""
     os.makedirs(os.path.join(output, "results"), exist_ok=True)
     plot_wer(found, rows, os.path.join(output, "results", "wer.png"))
-    curve_rows = ["uot_rho1.0", "padded_uot_rho1.0"]
+    curve_rows = ["uot_rho1.0", "padded_uot_rho1.0", "padded_ot"]
     plot_degree_of_matching(found, curve_rows, os.path.join(output, "results", "degree_of_matching.png"))
     generated = (
         f"{TABLE_START}\n<!-- written by `python experiments/run_experiments.py report`; edit the prose only -->\n\n"
