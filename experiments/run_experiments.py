@@ -13,8 +13,12 @@ a finished run is never redone, an interrupted one resumes from its last checkpo
 Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
 software. The evaluation adds what the training script does not measure: WER and CER for voices heard in
 training and voices never heard, the precision and recall of the transport plan against the corpus's word timings,
-and the degree-of-matching curve (dropped-frame fraction, transported mass, precision and recall) over a grid of
-`rho_frames` on each trained model's own costs.
+and the degree-of-matching curve (dropped frames, effective frames, mass outside words, precision and recall) over
+a grid of `rho_frames` and two `eps` on each trained model's own costs.
+
+To check that a run repeats, train it again into another folder and compare the two `experiment_metrics.json`:
+
+    python experiments/run_experiments.py --runs-dir outputs/rerun run --rows ctc --seeds 0
 """
 
 from __future__ import annotations
@@ -108,11 +112,13 @@ def run_dir(row: Row, seed: int) -> str:
 
 
 def train_command(row: Row, seed: int) -> str:
+    """The shell command that trains one run, as printed in its log."""
     argv = ["OMP_NUM_THREADS=1", "python", "run_speech_recognition_uot.py", *row.train_argv(seed)]
     return " ".join(shlex.quote(a) if "=" not in a else a for a in argv)
 
 
 def row_command(row: Row, seeds=DEFAULT_SEEDS) -> str:
+    """The command that trains and evaluates every seed of a row (what the results table prints beside it)."""
     return f"python experiments/run_experiments.py run --rows {row.name} --seeds {' '.join(map(str, seeds))}"
 
 
@@ -531,7 +537,9 @@ def load_run_metrics(rows, seeds) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global RUNS_DIR
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", default=RUNS_DIR, help="where the runs live (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print every row and the command that reruns it")
     run = commands.add_parser("run", help="train and evaluate the runs not yet done")
@@ -547,6 +555,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     report.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     report.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
+    RUNS_DIR = args.runs_dir
 
     os.chdir(ROOT)
     if args.command == "list":
