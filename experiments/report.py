@@ -67,7 +67,7 @@ def table(found, rows) -> str:
             f"| {mean_spread(pick('wer_seen'))} | {mean_spread(pick('wer_unseen'))} "
             f"| {paired_cell(paired_difference(found, row.name, baseline)) if paired else '–'} "
             f"| {paired_cell(paired_difference(found, row.name, baseline, 'cer')) if paired else '–'} "
-            f"| {np.mean(minutes) if minutes else float('nan'):.1f} | `{row_command(row)}` |"
+            f"| {f'{np.mean(minutes):.1f}' if minutes else 'resumed'} | `{row_command(row)}` |"
         )
     return "\n".join(lines) + "\n"
 
