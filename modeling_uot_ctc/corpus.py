@@ -20,9 +20,11 @@ import argparse
 import csv
 import ctypes
 import json
+import multiprocessing
 import os
 import random
 import re
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -154,6 +156,11 @@ class Speaker:
             k += 1
         return 0
 
+    def seed(self, value: int) -> None:
+        """Seed the noise espeak-ng adds (breath, aspiration): its own generator and the C library's `rand()`."""
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(value))
+        ctypes.CDLL(None).srand(ctypes.c_uint(value))
+
     def speak(self, text: str, voice: str, speed: int, pitch: int):
         """16 kHz float32 samples and `[[word, start_s, end_s], ...]` of `text`."""
         import soxr
@@ -192,6 +199,17 @@ def word_timings(text: str, events, duration: float) -> list:
 _SPEAKER: Optional[Speaker] = None
 
 
+# espeak-ng carries synthesis state from one utterance to the next that neither its API nor re-initialising it
+# resets, so an utterance's audio depends on everything the same process spoke before it. The builder therefore cuts
+# the plan into fixed shards and speaks each in a fresh process: every file then depends on the plan alone, whatever
+# the number of workers.
+SHARD_SIZE = 16
+
+
+def _synthesise_shard(jobs):
+    return [_synthesise(job) for job in jobs]
+
+
 def _synthesise(job):
     global _SPEAKER
     import soundfile
@@ -199,6 +217,7 @@ def _synthesise(job):
     utterance, folder = job
     if _SPEAKER is None:
         _SPEAKER = Speaker()
+    _SPEAKER.seed(zlib.crc32(f"{utterance.split}/{utterance.index}".encode()))
     audio, words = _SPEAKER.speak(utterance.text, utterance.voice, utterance.speed, utterance.pitch)
     soundfile.write(os.path.join(folder, utterance.split, utterance.file_name), audio, SAMPLING_RATE, subtype="PCM_16")
     return utterance, words
@@ -222,17 +241,15 @@ def build_corpus(
     rows = {"train": [], "test": []}
     jobs = [(u, output) for u in plan]
     bar = tqdm(total=len(jobs), desc="synthesising", unit="utt", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_synthesise, jobs, chunksize=16)
+    shards = [jobs[start : start + SHARD_SIZE] for start in range(0, len(jobs), SHARD_SIZE)]
+    # A fresh process per shard, forked from a server that has imported this module but never spoken.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["modeling_uot_ctc.corpus"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
+        for results in pool.map(_synthesise_shard, shards):
             for utterance, words in results:
                 rows[utterance.split].append(_row(utterance, words))
                 bar.update()
-    else:
-        for job in jobs:
-            utterance, words = _synthesise(job)
-            rows[utterance.split].append(_row(utterance, words))
-            bar.update()
     bar.close()
     for split, split_rows in rows.items():
         split_rows.sort(key=lambda row: row["file_name"])
@@ -343,4 +360,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the package module, so that worker processes find the functions they are sent under its name.
+    from modeling_uot_ctc.corpus import main as package_main
+
+    package_main()

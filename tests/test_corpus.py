@@ -64,9 +64,12 @@ def test_audio_transcripts_and_word_timings(tmp_path):
 
 
 def test_same_seed_same_files(tmp_path):
+    # espeak-ng keeps state between utterances; what was spoken before (another corpus here) must not leak in.
     build_corpus(str(tmp_path / "a"), SENTENCES, utterances=6, seed=1, workers=2, progress=False)
+    build_corpus(str(tmp_path / "other"), SENTENCES, utterances=6, seed=2, workers=1, progress=False)
     build_corpus(str(tmp_path / "b"), SENTENCES, utterances=6, seed=1, workers=1, progress=False)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "other")
 
 
 def test_splits_share_no_sentence_and_test_has_unseen_voices():
