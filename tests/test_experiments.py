@@ -227,8 +227,10 @@ def test_report_tables_spreads_and_plots(tmp_path):
     ]
     assert recognition[3] == f"{np.mean([0.7, 0.7, 0.4]):.3f} ± {np.std([0.7, 0.7, 0.4], ddof=1):.3f}"
     # Paired with CTC seed by seed: -0.1, -0.2, -0.3 (WER) and half that (CER).
-    assert recognition[7] == f"{-0.2:.3f} ± {0.1:.3f} [-0.100, -0.200, -0.300]"
-    assert recognition[8] == f"{-0.1:.3f} ± {0.05:.3f} [-0.050, -0.100, -0.150]"
+    # The 95 % interval: mean ± t(0.975, 2) sd / sqrt(3), t = 4.303 (scipy.stats.t.ppf(0.975, 2) = 4.3027).
+    low, high = -0.2 - 4.303 * 0.1 / 3**0.5, -0.2 + 4.303 * 0.1 / 3**0.5
+    assert recognition[7] == f"{-0.2:.3f} ± {0.1:.3f} [-0.100, -0.200, -0.300], 95 % CI {low:+.3f} to {high:+.3f}"
+    assert recognition[8].startswith(f"{-0.1:.3f} ± {0.05:.3f} [-0.050, -0.100, -0.150], 95 % CI")
     assert alignment[1] == f"{0.4:.3f} ± {0.1:.3f}"  # precision over the seeds: 0.3, 0.5, 0.4
     sweep_line = next(line for line in text.splitlines() if line.startswith("| uot_rho1.0 (n=3) | 0.02 | inf"))
     assert sweep_line.count(f"{0.42:.3f} ± {0.1:.3f}") == 5  # the seeds' precision + eps: 0.32, 0.52, 0.42
