@@ -113,11 +113,11 @@ def sweep_points(metrics) -> dict:
 
 def sweep_table(found, row_names) -> str:
     """The degree-of-matching curve as numbers: each (eps, rho) on the trained models' costs, mean over seeds."""
-    columns = ("dropped", "effective_frames", "mass_outside_words", "precision", "recall")
+    columns = ("dropped", "mass", "effective_frames", "mass_outside_words", "precision", "recall")
     lines = [
-        "| model | eps | rho_frames | dropped frames | effective frames | mass outside words | plan precision "
-        "| plan recall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | eps | rho_frames | dropped frames | total mass | effective frames | mass outside words "
+        "| plan precision | plan recall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in row_names:
         runs = [sweep_points(m) for m in found.get(name, {}).values() if "rho_sweep" in m]
