@@ -55,6 +55,8 @@ from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_tea
 logger = hf_logging.get_logger(__name__)
 
 SAMPLING_RATE = 16_000
+# The name recorded for the offline default teacher (loaded from the installed package, see teacher.py).
+DEFAULT_TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -634,7 +636,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
     # 3. The teacher (its width sizes the adapter).
     teacher = None
-    teacher_name = transfer_args.teacher_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"
+    teacher_name = transfer_args.teacher_name_or_path or DEFAULT_TEACHER_NAME
     if transfer_args.aligner != "none" and transfer_args.kt_weight > 0:
         teacher = TextTeacher(transfer_args.teacher_name_or_path or default_teacher_path(), layer=transfer_args.teacher_layer)
     teacher_width = teacher.hidden_size if teacher is not None else 1

@@ -50,7 +50,6 @@ RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
 # The curve at the recipe's entropic regularisation and at a sharper one, where frames can separate more.
 SWEEP_EPS = (0.1, 0.02)
 SCORES = ("dropped", "mass", "precision", "recall", "effective_frames", "mass_outside_words")
-DEFAULT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 SAMPLING_RATE = 16_000
 # Bump when the evaluation changes: the report refuses metrics of another version (rerun with --reevaluate).
 EVAL_VERSION = 2
@@ -287,7 +286,12 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT, cosine_cost
     from modeling_uot_ctc.metrics import METRIC_PATHS
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
-    from run_speech_recognition_uot import decode_audio, default_teacher_cache_dir, normalise_text
+    from run_speech_recognition_uot import (
+        DEFAULT_TEACHER_NAME,
+        decode_audio,
+        default_teacher_cache_dir,
+        normalise_text,
+    )
 
     # Transcripts are normalised as the experiments' training normalised them.
     with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
@@ -301,7 +305,9 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     if aligned:
         name = config.teacher_name_or_path
         # The script records the default teacher by its hub name but loads it from the installed package.
-        teacher = TextTeacher(default_teacher_path() if name == DEFAULT_TEACHER else name, layer=config.teacher_layer)
+        teacher = TextTeacher(
+            default_teacher_path() if name == DEFAULT_TEACHER_NAME else name, layer=config.teacher_layer
+        )
         cache = TeacherStateCache(
             teacher, teacher_cache_dir or default_teacher_cache_dir(), key=f"{name}|layer={config.teacher_layer}"
         )
