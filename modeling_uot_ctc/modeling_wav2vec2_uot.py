@@ -173,10 +173,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(self.dropout(hidden_states))
 
-        ctc_loss = None
-        if labels is not None:
-            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask)
-
+        # The transfer comes before the CTC loss, whose target packing makes the host wait for the device: queued
+        # first, the solver's many small kernels are launched while the GPU still runs the encoder.
         kt_loss = plans = diagnostics = None
         if run_transfer:
             acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
@@ -184,6 +182,10 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             kt_loss, plans, diagnostics = self._transfer_loss(
                 acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask
             )
+
+        ctc_loss = None
+        if labels is not None:
+            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask)
 
         loss = None
         if ctc_loss is not None:
@@ -289,7 +291,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         diagnostics = dict(
             token_coverage=stats.token_coverage.nanmean(),
             dropped_frame_fraction=stats.dropped_frame_fraction.nanmean(),
-            transported_mass=stats.total_mass[has_tokens].mean(),
+            # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
+            transported_mass=(stats.total_mass * has_tokens).sum() / has_tokens.sum(),
         )
         return kt_loss, plans, diagnostics
 

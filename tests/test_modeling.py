@@ -364,3 +364,25 @@ def test_stock_pipeline_in_a_fresh_process_with_remote_code(tmp_path):
     assert result["package_imported"] is False
     assert result["text"] == greedy_transcript(model, extractor, tokenizer, audio)
     assert isinstance(result["chunked"], str)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transfer_loss_never_waits_for_the_gpu():
+    """The transfer (adapter, cost, solver, pooling, loss, diagnostics and their backward) queues its work without
+    reading anything back, so that the host can launch it while the GPU still runs the encoder."""
+    torch.manual_seed(0)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(alignment_tol=1e-5)).cuda().train()
+    batch = {key: value.cuda() for key, value in make_batch().items()}
+    model(**batch).loss.backward()  # first calls may initialise things that synchronise
+    hidden = model.wav2vec2(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+    frame_mask = model._frame_mask(hidden.shape[1], batch["attention_mask"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any operation that makes the host wait now raises
+    try:
+        kt_loss, plans, diagnostics = model._transfer_loss(
+            hidden, frame_mask, batch["teacher_hidden_states"], batch["teacher_attention_mask"]
+        )
+        kt_loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)

@@ -12,6 +12,13 @@ INF = math.inf
 EPSILONS = [0.5, 0.1, 0.05, 0.01]
 RHO_FRAMES = [0.01, 0.1, 1.0, 10.0, INF]
 RHO_TOKENS = [1.0, INF]
+# The detach-mode iterations: blocking matrix scaling (the CPU default), its sync-free twin (the CUDA default) and
+# the log domain.
+ITERATIONS = {
+    "scaling": dict(method="scaling", sync_free=False),
+    "sync-free": dict(method="scaling", sync_free=True),
+    "log": dict(method="log"),
+}
 
 
 def padded_batch(sizes, seed, dtype=torch.float64, pad_value=float("nan")):
@@ -33,17 +40,17 @@ def random_sizes(seed, count=3):
     return [(int(rng.integers(1, 81)), int(rng.integers(1, 26))) for _ in range(count)]
 
 
-@pytest.mark.parametrize("method", ["scaling", "log"])
+@pytest.mark.parametrize("iteration", ITERATIONS)
 @pytest.mark.parametrize("rho_tokens", RHO_TOKENS)
 @pytest.mark.parametrize("rho_frames", RHO_FRAMES)
 @pytest.mark.parametrize("eps", EPSILONS)
-def test_matches_pot_in_float64(eps, rho_frames, rho_tokens, method):
+def test_matches_pot_in_float64(eps, rho_frames, rho_tokens, iteration):
     seed = hash((eps, rho_frames, rho_tokens)) % 2**31
     sizes = random_sizes(seed)
     cost, frame_mask, token_mask = padded_batch(sizes, seed)
     result = solve_uot(
         cost, frame_mask, token_mask, eps=eps, rho_frames=rho_frames, rho_tokens=rho_tokens,
-        tol=1e-14, max_iter=200_000, method=method,
+        tol=1e-14, max_iter=200_000, **ITERATIONS[iteration],
     )
     assert bool(result.converged.all())
     for k, (t, n) in enumerate(sizes):
@@ -164,11 +171,11 @@ def test_padding_changes_neither_outputs_nor_gradients(grad_mode, pad_value):
     assert (dirty_grad[~cell_mask] == 0).all()
 
 
-@pytest.mark.parametrize("method", ["scaling", "log"])
-def test_example_in_padded_batch_equals_example_alone(method):
+@pytest.mark.parametrize("iteration", ITERATIONS)
+def test_example_in_padded_batch_equals_example_alone(iteration):
     sizes = [(40, 9), (13, 3), (57, 12), (5, 1)]
     cost, frame_mask, token_mask = padded_batch(sizes, 12, dtype=torch.float32)
-    kwargs = dict(eps=0.05, rho_frames=1.0, tol=1e-6, max_iter=20_000, method=method)
+    kwargs = dict(eps=0.05, rho_frames=1.0, tol=1e-6, max_iter=20_000, **ITERATIONS[iteration])
     batched = solve_uot(cost, frame_mask, token_mask, **kwargs)
     for k, (t, n) in enumerate(sizes):
         alone = solve_uot(cost[k : k + 1, :t, :n], **kwargs)
@@ -190,9 +197,9 @@ def test_masks_with_holes_and_zero_weights_count_as_padding():
     torch.testing.assert_close(with_mask.plan[:, keep], alone.plan, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["scaling", "log"])
+@pytest.mark.parametrize("iteration", ITERATIONS)
 @pytest.mark.parametrize("grad_mode", ["detach", "unrolled"])
-def test_empty_examples_give_zero_and_no_nan(method, grad_mode):
+def test_empty_examples_give_zero_and_no_nan(iteration, grad_mode):
     cost = torch.rand(4, 10, 5, dtype=torch.float64, requires_grad=True)
     frame_mask = torch.ones(4, 10, dtype=torch.bool)
     token_mask = torch.ones(4, 5, dtype=torch.bool)
@@ -200,7 +207,8 @@ def test_empty_examples_give_zero_and_no_nan(method, grad_mode):
     token_mask[2] = False  # no token
     frame_mask[3, 4:] = False
     result = solve_uot(
-        cost, frame_mask, token_mask, eps=0.1, rho_frames=1.0, method=method, grad_mode=grad_mode, tol=1e-10
+        cost, frame_mask, token_mask, eps=0.1, rho_frames=1.0, grad_mode=grad_mode, tol=1e-10,
+        **ITERATIONS[iteration],
     )
     result.value.sum().backward()
     for tensor in (result.plan, result.value, result.frame_potentials, result.token_potentials, cost.grad):
@@ -248,12 +256,14 @@ def test_frame_masses_follow_the_closed_form_with_hard_tokens(rho_frames):
     torch.testing.assert_close(result.plan[0].sum(1), weights / weights.sum(), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["scaling", "log"])
-def test_one_token_at_the_model_defaults_matches_the_closed_form(method):
+@pytest.mark.parametrize("iteration", ITERATIONS)
+def test_one_token_at_the_model_defaults_matches_the_closed_form(iteration):
     """A one-token transcript in float32 at eps 0.1, rho 1, tol 1e-4: the optimal frame scalings lie beyond the
     scaling iteration's clamp, which once let it stop early on a wrong plan (converged, but 5 times off)."""
     frame_cost = torch.tensor([0.0, 0.2, 1.0, 1.6, 1.8, 2.0])
-    result = solve_uot(frame_cost[None, :, None], eps=0.1, rho_frames=1.0, tol=1e-4, max_iter=200, method=method)
+    result = solve_uot(
+        frame_cost[None, :, None], eps=0.1, rho_frames=1.0, tol=1e-4, max_iter=200, **ITERATIONS[iteration]
+    )
     weights = torch.exp(-frame_cost.double() / 1.1)
     assert bool(result.converged.all())
     torch.testing.assert_close(result.plan[0, :, 0].double(), weights / weights.sum(), rtol=0, atol=1e-5)
@@ -288,11 +298,13 @@ def test_not_converging_is_reported():
 # Precision and the caller's state.
 
 
-def test_float32_at_small_eps_stays_close_to_float64():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_float32_at_small_eps_stays_close_to_float64(sync_free):
+    # At eps 1e-3 the float32 kernels must be rebuilt many times: by branching, or by masking when sync-free.
     sizes = [(50, 12), (33, 5), (64, 20)]
     cost, frame_mask, token_mask = padded_batch(sizes, 18)
     for rho_frames in (0.1, 1.0, INF):
-        kwargs = dict(eps=1e-3, rho_frames=rho_frames, max_iter=200_000)
+        kwargs = dict(eps=1e-3, rho_frames=rho_frames, max_iter=200_000, sync_free=sync_free)
         double = solve_uot(cost, frame_mask, token_mask, tol=1e-12, **kwargs)
         single = solve_uot(cost.float(), frame_mask, token_mask, tol=1e-7, **kwargs)
         assert torch.isfinite(single.plan).all()
@@ -309,6 +321,18 @@ def test_half_precision_is_solved_in_float32(dtype):
     # Float32 accuracy on the half-precision input: half-precision arithmetic would be off by about 1e-3.
     torch.testing.assert_close(result.plan.double(), reference.plan, rtol=0, atol=1e-6)
     torch.testing.assert_close(result.value.double(), reference.value, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("iteration", ITERATIONS)
+def test_autocast_does_not_lower_the_precision(iteration):
+    """A model trained with bf16 autocast calls the solver inside it; its matrix products must stay float32."""
+    cost, frame_mask, token_mask = padded_batch([(60, 10), (25, 4)], 23, dtype=torch.float32)
+    kwargs = dict(eps=0.05, tol=1e-6, **ITERATIONS[iteration])
+    reference = solve_uot(cost, frame_mask, token_mask, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = solve_uot(cost, frame_mask, token_mask, **kwargs)
+    assert result.plan.dtype == torch.float32
+    torch.testing.assert_close(result.plan, reference.plan, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grad_mode", ["detach", "unrolled"])
@@ -420,3 +444,40 @@ def test_bad_shapes_are_rejected():
         solve_uot(torch.rand(2, 4, 3), token_weights=torch.ones(2, 4))
     with pytest.raises(ValueError, match="frame_weights"):
         solve_uot(torch.rand(1, 4, 3), frame_weights=-torch.ones(1, 4))
+
+
+# The sync-free iteration (the default on CUDA).
+
+
+def test_sync_free_iteration_gives_the_blocking_iterations_answers():
+    """At eps 0.01 in float32 the kernels are rebuilt many times: by masking here, by branching in the other."""
+    sizes = [(120, 20), (37, 4), (80, 1), (200, 25)]
+    cost, frame_mask, token_mask = padded_batch(sizes, 21, dtype=torch.float32)
+    frame_mask[2] = False  # an empty example among the others
+    kwargs = dict(eps=0.01, rho_frames=1.0, tol=1e-6, max_iter=20_000)
+    blocking = solve_uot(cost, frame_mask, token_mask, sync_free=False, **kwargs)
+    sync_free = solve_uot(cost, frame_mask, token_mask, sync_free=True, **kwargs)
+    assert bool(blocking.converged.all()) and bool(sync_free.converged.all())
+    assert (sync_free.plan[2] == 0).all() and sync_free.n_iter[2] == 0
+    torch.testing.assert_close(sync_free.plan, blocking.plan, rtol=1e-5, atol=1e-8)  # float32 rounding apart
+    torch.testing.assert_close(sync_free.value, blocking.value, rtol=1e-5, atol=1e-8)
+    # The same checks decide; where a rebuild fell on another check, convergence may be seen one check apart.
+    assert ((sync_free.n_iter - blocking.n_iter).abs() <= 4).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_free_iteration_never_waits_for_the_gpu():
+    sizes = [(300, 30), (120, 7), (250, 18)]
+    cost, frame_mask, token_mask = padded_batch(sizes, 22, dtype=torch.float32)
+    kwargs = dict(eps=0.05, rho_frames=1.0, tol=1e-6, max_iter=5000)
+    on_cpu = solve_uot(cost, frame_mask, token_mask, **kwargs)
+    on_gpu_args = [tensor.cuda() for tensor in (cost, frame_mask, token_mask)]
+    solve_uot(*on_gpu_args, **kwargs)  # first calls may initialise things that synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any operation that makes the host wait now raises
+    try:
+        on_gpu = solve_uot(*on_gpu_args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(on_gpu.converged.all())
+    torch.testing.assert_close(on_gpu.plan.cpu(), on_cpu.plan, rtol=0, atol=1e-6)
