@@ -10,15 +10,21 @@ process; medians of several steps each are printed with their ratio to plain CTC
 - `ctc`: plain Wav2Vec2ForCTC;
 - `uot cached`: teacher states precomputed (what the script's on-disk cache gives);
 - `uot on the fly`: the teacher encodes the transcripts inside every step;
+- `uot blocking` (GPU only): as `uot cached`, with the solver's blocking iteration (`sync_free=False`), which
+  reads every convergence check back on the host;
+- `uot as before` (GPU only): the blocking iteration with autocast left on inside the solver, so that under `--bf16`
+  its matrix products run in bfloat16: the solver as it was until 2026-11-26, for before/after figures;
 
-plus the solver's share of the `uot cached` step and the peak memory of each variant (GPU: allocator peak; CPU:
-peak resident memory of a subprocess running only that variant).
+plus the solver's own time (measured in extra steps, with the device synchronised around every solver call, so
+that it is the solver alone and not what the host could overlap) and the peak memory of each variant (GPU:
+allocator peak; CPU: peak resident memory of a subprocess running only that variant).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
 import statistics
@@ -31,7 +37,8 @@ from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2ForCTC
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import modeling_uot_ctc.modeling_wav2vec2_uot as uot_modeling  # noqa: E402
-from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig  # noqa: E402
+import modeling_uot_ctc.solver as solver_module  # noqa: E402
+from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, register_aligner, solve_uot  # noqa: E402
 
 SIZES = {
     # The demo model of configs/demo.yaml and a MiniLM-shaped teacher; 8 clips of 3 s.
@@ -118,7 +125,10 @@ def main():
     parser.add_argument("--alignment-tol", type=float, default=None, help="solver tolerance (default: the config's)")
     parser.add_argument("--alignment-max-iter", type=int, default=None, help="solver iterations at most")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    parser.add_argument("--only", choices=["ctc", "uot cached", "uot on the fly"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="also profile one 'uot cached' step: PREFIX.txt (operators by self CPU time) and "
+                             "PREFIX.json (a Chrome trace)")
+    parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -131,54 +141,46 @@ def main():
     batch, token_ids, token_mask = make_batch(spec, device)
     with torch.no_grad():
         cached_states = teacher(input_ids=token_ids, attention_mask=token_mask).last_hidden_state
-
-    # The solver's share: time every call of the aligner the model looks up.
-    solver_times = []
-    stopwatch = Stopwatch(device)
-    real_solver = uot_modeling.ALIGNERS["uot"]
-
-    def timed_solver(*a, **k):
-        with stopwatch(solver_times):
-            return real_solver(*a, **k)
-
-    uot_modeling.ALIGNERS["uot"] = timed_solver
+    register_aligner("uot-blocking", functools.partial(solve_uot, sync_free=False))
+    register_aligner("uot-as-before", solver_as_before)
     optimisers = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (uot, plain)}
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
 
     def step(name):
         model = plain if name == "ctc" else uot
         extra = {}
-        if name == "uot cached":
+        if name in ("uot cached", "uot blocking", "uot as before"):
             extra = dict(teacher_hidden_states=cached_states, teacher_attention_mask=token_mask)
         elif name == "uot on the fly":
             with torch.no_grad(), autocast():
                 states = teacher(input_ids=token_ids, attention_mask=token_mask).last_hidden_state
             extra = dict(teacher_hidden_states=states, teacher_attention_mask=token_mask)
+        uot.config.aligner = ALIGNER_OF.get(name, "uot")
         with autocast():
             loss = model(**batch, **extra).loss
         loss.backward()
         optimisers[model].step()
         optimisers[model].zero_grad(set_to_none=True)
 
-    variants = [args.only] if args.only else ["ctc", "uot cached", "uot on the fly"]
+    if args.only:
+        variants = [args.only]
+    else:
+        variants = [v for v in VARIANTS if v not in GPU_ONLY or device.type == "cuda"]
     for name in variants:  # warm-up
         step(name)
+    stopwatch = Stopwatch(device)
     times = {name: [] for name in variants}
-    solver_times.clear()
-    solver_in_cached = []
     for _ in range(args.steps):
         for name in variants:
-            before = len(solver_times)
             with stopwatch(times[name]):
                 step(name)
-            if name == "uot cached":
-                solver_in_cached.append(sum(solver_times[before:]))
     if args.only:
         if device.type == "cuda":
             print(torch.cuda.max_memory_allocated(device))
         else:
             print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return
+    solver_times = time_solver(step, stopwatch, [v for v in variants if v in ALIGNER_OF], args.steps)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -187,14 +189,79 @@ def main():
           f"tol {uot.config.alignment_tol}, max_iter {uot.config.alignment_max_iter}")
     for name in variants:
         print(f"{name:>15}: {1e3 * medians[name]:9.1f} ms   ratio to ctc {medians[name] / medians['ctc']:.3f}")
-    share = statistics.median(solver_in_cached) / medians["uot cached"]
-    print(f"solver share of the 'uot cached' step: {share:.1%} ({1e3 * statistics.median(solver_in_cached):.1f} ms)")
+    for name, (solver, iterations) in solver_times.items():
+        print(f"solver alone in '{name}' (device synchronised around it): {1e3 * solver:.1f} ms, "
+              f"{solver / medians[name]:.1%} of that step's median, {iterations:.1f} iterations per example")
 
+    if args.profile:
+        profile_steps(step, "uot cached", args.profile, device)
     if args.no_memory:
         return
     print("peak memory:")
     for name in variants:
         print(f"{name:>15}: {peak_memory(name, args, device) / 2**20:9.0f} MiB")
+
+
+VARIANTS = ["ctc", "uot cached", "uot blocking", "uot as before", "uot on the fly"]
+GPU_ONLY = {"uot blocking", "uot as before"}
+# The aligner each variant with cached teacher states uses.
+ALIGNER_OF = {"uot cached": "uot", "uot blocking": "uot-blocking", "uot as before": "uot-as-before"}
+
+
+def solver_as_before(*args, **kwargs):
+    """The blocking solver without its autocast guard, as it was until 2026-11-26 (bf16 products under --bf16)."""
+    guard = solver_module._autocast_disabled
+    solver_module._autocast_disabled = lambda device: contextlib.nullcontext()
+    try:
+        return solve_uot(*args, sync_free=False, **kwargs)
+    finally:
+        solver_module._autocast_disabled = guard
+
+
+def time_solver(step, stopwatch, variants, steps):
+    """Median time and mean iterations of the solver call inside `steps` further steps of each variant.
+
+    The device is synchronised around each call.
+
+    Kept apart from the timed steps: the synchronisation it needs would take away the overlap of the solver's
+    launches with the encoder's work that the sync-free iteration is there to allow.
+    """
+    medians = {}
+    for name in variants:
+        aligner_name = ALIGNER_OF[name]
+        real_solver = uot_modeling.ALIGNERS[aligner_name]
+        samples, iterations = [], []
+
+        def timed_solver(*a, **k):
+            with stopwatch(samples):
+                result = real_solver(*a, **k)
+            iterations.append(float(result.n_iter.float().mean()))
+            return result
+
+        uot_modeling.ALIGNERS[aligner_name] = timed_solver
+        try:
+            for _ in range(steps):
+                step(name)
+        finally:
+            uot_modeling.ALIGNERS[aligner_name] = real_solver
+        medians[name] = statistics.median(samples), statistics.mean(iterations)
+    return medians
+
+
+def profile_steps(step, name, prefix, device, steps=1):
+    """Profile `steps` steps of one variant; write the operator table and a Chrome trace next to `prefix`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(name)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    with open(f"{prefix}.txt", "w") as handle:
+        handle.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60))
+    prof.export_chrome_trace(f"{prefix}.json")
+    print(f"profile of {steps} '{name}' steps: {prefix}.txt, {prefix}.json")
 
 
 def peak_memory(name, args, device):
