@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)" \
     2>&1 | tee -a "$out/device.txt"
 $python -m pytest -q tests/test_solver.py tests/test_modeling.py -k never_waits -rs 2>&1 | tee "$out/tests.log"
-$python benchmarks/bench_train_step.py --size base --device cuda --bf16 --steps 10 --profile "$out/profile" \
+$python benchmarks/bench_train_step.py --size base --device cuda --bf16 --steps 20 --profile "$out/profile" \
     2>&1 | tee "$out/bench_default.log"
-$python benchmarks/bench_train_step.py --size base --device cuda --bf16 --steps 10 --alignment-tol 1e-3 --no-memory \
+$python benchmarks/bench_train_step.py --size base --device cuda --bf16 --steps 20 --alignment-tol 1e-3 --no-memory \
     2>&1 | tee "$out/bench_tol_1e-3.log"

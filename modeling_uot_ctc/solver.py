@@ -194,14 +194,16 @@ def solve_uot(
     check_every : int
         Iterations between two measurements of the stopping criterion.
     sync_free : bool, optional
-        Run the `"scaling"` iteration without ever making the host wait for the device. All examples then iterate
-        in lock-step (each one's result is frozen at the check where it converges), kernels are refreshed by
-        masking rather than by branching, and the stopping test is read back asynchronously, so the iteration may
-        run a few checks past the last example's convergence, with no effect on the results. On a GPU this lets the
-        host queue the solver's small kernels behind the model's forward pass instead of paying their launch
-        latency one by one. Default (`None`): on for CUDA tensors, off elsewhere (on a CPU the blocking iteration
-        can drop finished examples from the batch, which is faster there). Ignored by `method="log"` and the
-        unrolled mode.
+        Run the `"scaling"` iteration without making the host wait for each convergence check. All examples then
+        iterate in lock-step (each one's result is frozen at the check where it converges), kernels are refreshed
+        by masking rather than by branching, and the stopping test is read back asynchronously: the host waits only
+        when it has run more than four checks ahead of the device, and then for the oldest check alone. The
+        iteration may thus run a few checks past the last example's convergence (device work that `n_iter` does
+        not count), with no effect on the results. On a GPU this lets the host queue the solver's small kernels
+        behind the model's forward pass instead of paying their launch latency one by one. Default (`None`): on
+        for CUDA tensors, off elsewhere (on a CPU the blocking iteration can drop finished examples from the batch,
+        which is faster there). Ignored by `method="log"` and the unrolled mode. Masks on another device than
+        `cost`, and explicit weights (validated on the host), each cost one wait before the iteration starts.
 
     Returns
     -------
@@ -224,7 +226,9 @@ def solve_uot(
     Frank-Wolfe.
     """
     _check_inputs(cost, frame_mask, token_mask, frame_weights, token_weights)
-    _check_settings(eps, rho_frames, rho_tokens, temporal_order_weight, max_iter, tol, grad_mode, method, check_every)
+    _check_settings(
+        eps, rho_frames, rho_tokens, temporal_order_weight, max_iter, tol, grad_mode, method, check_every, sync_free
+    )
     if math.isinf(rho_frames) and not math.isinf(rho_tokens):
         # Both iterations end on a token-side update, which makes the token marginal exact. When only the frame
         # side is hard, solve the transposed problem so that the hard side is again the one updated last (the
@@ -301,7 +305,7 @@ def solve_uot(
 
 
 def _autocast_disabled(device: torch.device):
-    if device.type in ("cpu", "cuda", "xpu", "mps"):
+    if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -322,7 +326,7 @@ def _check_inputs(cost, frame_mask, token_mask, frame_weights, token_weights):
             raise ValueError(f"`{name}` must be a tensor of shape {shape}, got {_describe(x)}.")
 
 
-def _check_settings(eps, rho_frames, rho_tokens, w_order, max_iter, tol, grad_mode, method, check_every):
+def _check_settings(eps, rho_frames, rho_tokens, w_order, max_iter, tol, grad_mode, method, check_every, sync_free):
     if not (isinstance(eps, (int, float)) and 0 < eps < INF):
         raise ValueError(f"`eps` must be a positive finite number, got {eps!r}.")
     for name, rho in (("rho_frames", rho_frames), ("rho_tokens", rho_tokens)):
@@ -340,6 +344,8 @@ def _check_settings(eps, rho_frames, rho_tokens, w_order, max_iter, tol, grad_mo
         raise ValueError(f"`tol` must be a positive number, got {tol!r}.")
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"`check_every` must be a positive integer, got {check_every!r}.")
+    if sync_free not in (None, True, False):
+        raise ValueError(f"`sync_free` must be None, True or False, got {sync_free!r}.")
 
 
 def _kappa(rho: float, eps: float) -> float:
@@ -548,6 +554,8 @@ class _ScalingState:
         "kernel_t", "kernel", "f0", "g0", "base_f", "base_g", "offset_f", "offset_g", "log_u", "log_v", "u", "v",
         "shift", "log_col_term",
     )
+    # The problem's own tensors, the part of the state that a sub-batch starts from.
+    _INPUTS = _BATCHED[:8]
     # What the iteration carries beyond the kernel and the absorbed potentials.
     _ITERATES = ("offset_f", "offset_g", "log_u", "log_v", "u", "v", "shift", "log_col_term")
 
@@ -565,15 +573,16 @@ class _ScalingState:
         self.rho_g = problem.rho_tokens
         self.use_translation = translation_invariant and problem.uses_translation
         rho_f = problem.rho_frames
-        self.scale = rho_f if math.isinf(self.rho_g) else rho_f * self.rho_g / (rho_f + self.rho_g)
-        self.max_shift = problem.max_shift
+        if self.use_translation:  # both rho positive, at least one finite
+            self.scale = rho_f if math.isinf(self.rho_g) else rho_f * self.rho_g / (rho_f + self.rho_g)
+            self.max_shift, self.min_shift = problem.max_shift, -problem.max_shift
 
         self.log_kernel, self.log_a, self.log_b = problem.log_kernel, problem.log_a, problem.log_b
         self.frame_mask, self.token_mask = problem.frame_mask, problem.token_mask
         self.token_mask_f, self.frame_mask_f = problem.token_mask_f, problem.frame_mask_f
         self.log_mass_b = problem.mass_b.clamp_min(self.tiny).log()
         if index is not None:
-            for name in self._BATCHED[:8]:
+            for name in self._INPUTS:
                 setattr(self, name, getattr(self, name)[index])
 
         # Start from exact log-domain updates so that no row or column of the first kernel underflows as a whole;
@@ -659,7 +668,7 @@ class _ScalingState:
         row_mass = self.u * kv
         if self.use_translation:
             log_row_mass = row_mass.sum(-1).clamp_min(tiny).log()
-            lam = (self.scale * (log_row_mass - self.log_col_term)).clamp_(-self.max_shift, self.max_shift)
+            lam = (self.scale * (log_row_mass - self.log_col_term)).clamp_(self.min_shift, self.max_shift)
             # The plan and the kernel are invariant along (f + lam, g - lam); only the offsets see the shift.
             self.shift = self.shift + lam
             shift = self.shift[:, None]
@@ -741,7 +750,7 @@ def _iterate_scaling(problem: _Problem, max_iter, tol, translation_invariant, ch
 
 
 def _iterate_scaling_sync_free(problem: _Problem, max_iter, tol, translation_invariant, check_every):
-    """The scaling iteration of :func:`_iterate_scaling` without a single wait for the device.
+    """The scaling iteration of :func:`_iterate_scaling` without waiting for the device at every check.
 
     On a GPU the host queues work far ahead of the device, and every value it reads back (did an example finish,
     does a kernel need rebuilding) makes it wait until everything queued has run: the iteration then costs the
@@ -787,7 +796,7 @@ def _iterate_scaling_sync_free(problem: _Problem, max_iter, tol, translation_inv
                 flag = flags[n_checks]
                 flag.copy_(all_done, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(device))  # the copy's stream, whatever the current device
                 pending.append((event, flag))
             n_checks += 1
         if _any_landed_flag_set(pending):

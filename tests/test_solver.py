@@ -269,6 +269,19 @@ def test_one_token_at_the_model_defaults_matches_the_closed_form(iteration):
     torch.testing.assert_close(result.plan[0, :, 0].double(), weights / weights.sum(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("iteration", ITERATIONS)
+def test_both_sides_free_gives_the_gibbs_kernel(iteration):
+    """With rho 0 on both sides nothing ties the plan to the marginals: P = a b^T exp(-C / eps)."""
+    sizes = [(30, 6), (12, 4)]
+    cost, frame_mask, token_mask = padded_batch(sizes, 24)
+    result = solve_uot(
+        cost, frame_mask, token_mask, eps=0.1, rho_frames=0.0, rho_tokens=0.0, tol=1e-12, **ITERATIONS[iteration]
+    )
+    for k, (t, n) in enumerate(sizes):
+        expected = torch.exp(-cost[k, :t, :n] / 0.1) / (t * n)
+        torch.testing.assert_close(result.plan[k, :t, :n], expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("rho", [0.01, 0.1, 1.0, 10.0])
 def test_total_mass_shrinks_as_theory_says_when_both_sides_are_relaxed(rho):
     """Constant cost c, uniform marginals, both sides relaxed by rho: P = s a b^T with s = exp(-c / (eps + 2 rho))."""
