@@ -149,7 +149,7 @@ def main():
     def step(name):
         model = plain if name == "ctc" else uot
         extra = {}
-        if name in ("uot cached", "uot blocking", "uot as before"):
+        if name in ALIGNER_OF:  # the variants with cached teacher states
             extra = dict(teacher_hidden_states=cached_states, teacher_attention_mask=token_mask)
         elif name == "uot on the fly":
             with torch.no_grad(), autocast():

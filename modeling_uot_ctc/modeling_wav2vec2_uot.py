@@ -174,7 +174,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         logits = self.lm_head(self.dropout(hidden_states))
 
         # The transfer comes before the CTC loss, whose target packing makes the host wait for the device: queued
-        # first, the solver's many small kernels are launched while the GPU still runs the encoder.
+        # first, the solver's many small kernels can be launched while the GPU is still busy with the encoder.
         kt_loss = plans = diagnostics = None
         if run_transfer:
             acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
