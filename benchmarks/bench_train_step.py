@@ -14,6 +14,8 @@ process; medians of several steps each are printed with their ratio to plain CTC
   reads every convergence check back on the host;
 - `uot as before` (GPU only): the blocking iteration with autocast left on inside the solver, so that under `--bf16`
   its matrix products run in bfloat16: the solver as it was until 2026-11-26, for before/after figures;
+- `uot uniform plan` (GPU only): the uniform plan `a b^T` in place of the solver, which leaves the transfer's cost
+  outside the solver (adapter, cost, pooling, loss, diagnostics and their backward);
 
 plus the solver's own time (measured in extra steps, with the device synchronised around every solver call, so
 that it is the solver alone and not what the host could overlap) and the peak memory of each variant (GPU:
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import modeling_uot_ctc.modeling_wav2vec2_uot as uot_modeling  # noqa: E402
 import modeling_uot_ctc.solver as solver_module  # noqa: E402
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, register_aligner, solve_uot  # noqa: E402
+from modeling_uot_ctc.solver import UOTResult  # noqa: E402
 
 SIZES = {
     # The demo model of configs/demo.yaml and a MiniLM-shaped teacher; 8 clips of 3 s.
@@ -143,6 +146,7 @@ def main():
         cached_states = teacher(input_ids=token_ids, attention_mask=token_mask).last_hidden_state
     register_aligner("uot-blocking", functools.partial(solve_uot, sync_free=False))
     register_aligner("uot-as-before", solver_as_before)
+    register_aligner("uniform", uniform_plan)
     optimisers = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (uot, plain)}
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
 
@@ -202,10 +206,12 @@ def main():
         print(f"{name:>15}: {peak_memory(name, args, device) / 2**20:9.0f} MiB")
 
 
-VARIANTS = ["ctc", "uot cached", "uot blocking", "uot as before", "uot on the fly"]
-GPU_ONLY = {"uot blocking", "uot as before"}
+VARIANTS = ["ctc", "uot cached", "uot blocking", "uot as before", "uot uniform plan", "uot on the fly"]
+GPU_ONLY = {"uot blocking", "uot as before", "uot uniform plan"}
 # The aligner each variant with cached teacher states uses.
-ALIGNER_OF = {"uot cached": "uot", "uot blocking": "uot-blocking", "uot as before": "uot-as-before"}
+ALIGNER_OF = {
+    "uot cached": "uot", "uot blocking": "uot-blocking", "uot as before": "uot-as-before", "uot uniform plan": "uniform"
+}
 
 
 def solver_as_before(*args, **kwargs):
@@ -216,6 +222,15 @@ def solver_as_before(*args, **kwargs):
         return solve_uot(*args, sync_free=False, **kwargs)
     finally:
         solver_module._autocast_disabled = guard
+
+
+def uniform_plan(cost, frame_mask, token_mask, *args, **kwargs):
+    """An aligner that does no work: every valid frame sends its share to every valid token (`a b^T`)."""
+    a = frame_mask.float() / frame_mask.sum(-1, keepdim=True).clamp_min(1)
+    b = token_mask.float() / token_mask.sum(-1, keepdim=True).clamp_min(1)
+    plan = a[:, :, None] * b[:, None, :]
+    zeros = torch.zeros(cost.shape[0], device=cost.device)
+    return UOTResult(plan, (cost * plan).sum((1, 2)), a, b, zeros.long(), zeros.bool(), zeros)
 
 
 def time_solver(step, stopwatch, variants, steps):
