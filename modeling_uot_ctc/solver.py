@@ -769,8 +769,9 @@ def _iterate_scaling_sync_free(problem: _Problem, max_iter, tol, translation_inv
     n_iter = torch.zeros(batch, dtype=torch.long, device=device)
     done = ~problem.nonempty
     error = torch.where(done, 0.0, INF).to(problem.a.dtype)
-    # Whether all examples had finished, at each check, copied to the host as the device gets there.
-    flags = torch.zeros(max_iter // check_every + 1, dtype=torch.bool, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        # Whether all examples had finished, at each check, copied to the host as the device gets there.
+        flags = torch.zeros(max_iter // check_every + 1, dtype=torch.bool, pin_memory=True)
     n_checks = 0
     pending = collections.deque()  # (event, flag) of the checks whose outcome has not been read yet
     for it in range(1, max_iter + 1):
