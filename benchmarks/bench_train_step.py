@@ -16,6 +16,8 @@ process; medians of several steps each are printed with their ratio to plain CTC
   its matrix products run in bfloat16: the solver as it was until 2026-11-26, for before/after figures;
 - `uot uniform plan` (GPU only): the uniform plan `a b^T` in place of the solver, which leaves the transfer's cost
   outside the solver (adapter, cost, pooling, loss, diagnostics and their backward);
+- `uot graphed` (GPU only): as `uot cached`, with `kt_cuda_graphs=True`: everything after the adapter replayed from
+  captured CUDA graphs, the solver running `alignment_graph_iterations` iterations (`--graph-iterations`);
 
 plus the solver's own time (measured in extra steps, with the device synchronised around every solver call, so
 that it is the solver alone and not what the host could overlap) and the peak memory of each variant (GPU:
@@ -127,10 +129,14 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--alignment-tol", type=float, default=None, help="solver tolerance (default: the config's)")
     parser.add_argument("--alignment-max-iter", type=int, default=None, help="solver iterations at most")
+    parser.add_argument("--graph-iterations", type=int, default=None,
+                        help="solver iterations inside the graphs of 'uot graphed' (default: the config's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--profile", metavar="PREFIX",
                         help="also profile one 'uot cached' step: PREFIX.txt (operators by self CPU time) and "
                              "PREFIX.json (a Chrome trace)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help="run only these variants ('ctc' is always run); quote names with spaces")
     parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -141,6 +147,8 @@ def main():
         uot.config.alignment_tol = args.alignment_tol
     if args.alignment_max_iter is not None:
         uot.config.alignment_max_iter = args.alignment_max_iter
+    if args.graph_iterations is not None:
+        uot.config.alignment_graph_iterations = args.graph_iterations
     batch, token_ids, token_mask = make_batch(spec, device)
     with torch.no_grad():
         cached_states = teacher(input_ids=token_ids, attention_mask=token_mask).last_hidden_state
@@ -153,13 +161,14 @@ def main():
     def step(name):
         model = plain if name == "ctc" else uot
         extra = {}
-        if name in ALIGNER_OF:  # the variants with cached teacher states
+        if name in ALIGNER_OF or name == "uot graphed":  # the variants with cached teacher states
             extra = dict(teacher_hidden_states=cached_states, teacher_attention_mask=token_mask)
         elif name == "uot on the fly":
             with torch.no_grad(), autocast():
                 states = teacher(input_ids=token_ids, attention_mask=token_mask).last_hidden_state
             extra = dict(teacher_hidden_states=states, teacher_attention_mask=token_mask)
         uot.config.aligner = ALIGNER_OF.get(name, "uot")
+        uot.config.kt_cuda_graphs = name == "uot graphed"
         with autocast():
             loss = model(**batch, **extra).loss
         loss.backward()
@@ -170,6 +179,8 @@ def main():
         variants = [args.only]
     else:
         variants = [v for v in VARIANTS if v not in GPU_ONLY or device.type == "cuda"]
+        if args.variants:
+            variants = [v for v in variants if v == "ctc" or v in args.variants]
     for name in variants:  # warm-up
         step(name)
     stopwatch = Stopwatch(device)
@@ -190,9 +201,14 @@ def main():
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"size {args.size}: batch {spec['batch']} x {spec['seconds']} s, {spec['labels']} labels, "
           f"{spec['tokens']} teacher tokens; {card}; bf16 {args.bf16}; median of {args.steps} steps each; solver "
-          f"tol {uot.config.alignment_tol}, max_iter {uot.config.alignment_max_iter}")
+          f"tol {uot.config.alignment_tol}, max_iter {uot.config.alignment_max_iter}, "
+          f"{uot.config.alignment_graph_iterations} iterations in the graphs")
     for name in variants:
         print(f"{name:>15}: {1e3 * medians[name]:9.1f} ms   ratio to ctc {medians[name] / medians['ctc']:.3f}")
+    if "uot graphed" in variants:
+        graphs = uot._transfer_graphs
+        state = f"{len(graphs.graphs)} graph(s) captured and replayed" if not graphs.failed else "capture FAILED"
+        print(f"uot graphed: {state}")
     for name, (solver, iterations) in solver_times.items():
         print(f"solver alone in '{name}' (device synchronised around it): {1e3 * solver:.1f} ms, "
               f"{solver / medians[name]:.1%} of that step's median, {iterations:.1f} iterations per example")
@@ -206,11 +222,14 @@ def main():
         print(f"{name:>15}: {peak_memory(name, args, device) / 2**20:9.0f} MiB")
 
 
-VARIANTS = ["ctc", "uot cached", "uot blocking", "uot as before", "uot uniform plan", "uot on the fly"]
-GPU_ONLY = {"uot blocking", "uot as before", "uot uniform plan"}
+VARIANTS = [
+    "ctc", "uot cached", "uot blocking", "uot as before", "uot uniform plan", "uot graphed", "uot on the fly"
+]
+GPU_ONLY = {"uot blocking", "uot as before", "uot uniform plan", "uot graphed"}
 # The aligner each variant with cached teacher states uses.
 ALIGNER_OF = {
-    "uot cached": "uot", "uot blocking": "uot-blocking", "uot as before": "uot-as-before", "uot uniform plan": "uniform"
+    "uot cached": "uot", "uot blocking": "uot-blocking", "uot as before": "uot-as-before",
+    "uot uniform plan": "uniform",
 }
 
 

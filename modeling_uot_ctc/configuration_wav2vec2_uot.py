@@ -67,6 +67,22 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             The teacher's name or path, kept for the record (the model card shows it); the model never loads it.
         teacher_layer (`int`, *optional*, defaults to -1):
             The teacher layer whose states were used, kept for the record.
+        kt_cuda_graphs (`bool`, *optional*, defaults to `False`):
+            In training on a CUDA device, run the transfer after the adapter (cost, solver, pooling, loss and
+            diagnostics, forward and backward) as captured CUDA graphs: a few launches per step instead of about
+            500 small operations, whose launch latency otherwise dominates the transfer's cost. Frames are padded
+            up to a multiple of 64 and tokens to a multiple of 16, and one graph is kept per padded shape (at most
+            16, least recently used dropped); the results do not depend on the padding. The graphed transfer runs
+            in float32 whatever the autocast, and the solver runs exactly `alignment_graph_iterations` iterations
+            (a graph cannot stop early). Elsewhere (CPU, evaluation, no gradient) the setting is ignored. Needs the
+            `"scaling"` iteration in the `"detach"` gradient mode and an aligner that never reads a value on the
+            host; if capturing fails, the model warns once and goes on without graphs.
+        alignment_graph_iterations (`int`, *optional*, defaults to 12):
+            Solver iterations inside a captured graph (`kt_cuda_graphs`). An example that meets `alignment_tol`
+            earlier is frozen at that point, so the plans equal those of the eager solver whenever every example
+            converges within this budget; make it at least the iterations the eager solver reports
+            (`benchmarks/bench_train_step.py` prints them). A multiple of 4, the solver's check interval, wastes
+            nothing.
     """
 
     model_type = "wav2vec2-uot"
@@ -102,6 +118,8 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         teacher_hidden_size: int = 384,
         teacher_name_or_path: str = "",
         teacher_layer: int = -1,
+        kt_cuda_graphs: bool = False,
+        alignment_graph_iterations: int = 12,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -132,6 +150,10 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
                 f"`teacher_hidden_size` must be the width of the teacher's states (e.g. 384 for all-MiniLM-L6-v2, "
                 f"768 for bert-base), got {teacher_hidden_size!r}."
             )
+        if not (isinstance(alignment_graph_iterations, int) and alignment_graph_iterations >= 1):
+            raise ValueError(
+                f"`alignment_graph_iterations` must be a positive integer, got {alignment_graph_iterations!r}."
+            )
         if kt_encoder_layer != -1 and self.add_adapter:
             raise ValueError(
                 "kt_encoder_layer must be -1 (the output) when add_adapter=True: inner layers are not downsampled by "
@@ -154,6 +176,8 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         self.teacher_hidden_size = int(teacher_hidden_size)
         self.teacher_name_or_path = teacher_name_or_path
         self.teacher_layer = int(teacher_layer)
+        self.kt_cuda_graphs = bool(kt_cuda_graphs)
+        self.alignment_graph_iterations = alignment_graph_iterations
 
     @property
     def solver_settings(self) -> dict:

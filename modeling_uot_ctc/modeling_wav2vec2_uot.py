@@ -6,20 +6,23 @@ module and it is not used without teacher states.
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
 from .costs import cosine_cost
 from .diagnostics import alignment_diagnostics
 from .solver import ALIGNERS
 
+logger = logging.get_logger(__name__)
 
 @dataclass
 class Wav2Vec2UOTOutput(ModelOutput):
@@ -81,6 +84,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             )
         # Set by the training script at each optimiser step; the transfer waits for `config.kt_warmup_steps`.
         self.training_step: Optional[int] = None
+        # Built at the first graphed step (`config.kt_cuda_graphs`); holds device state, not weights.
+        self._transfer_graphs: Optional[_TransferGraphs] = None
         self.post_init()
 
     @classmethod
@@ -263,38 +268,151 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             else teacher_mask.to(acoustic.device).bool()
         )
         frames = self.kt_adapter(acoustic)
-        # Padded teacher positions may hold anything; zeros keep them out of every sum below.
-        teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.device, frames.dtype), 0.0)
-        cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
-        result = ALIGNERS[self.config.aligner](cost, frame_mask, token_mask, **self.config.solver_settings)
-
-        # The pooling and the loss run in float32 whatever the training precision: plan entries are about
-        # 1 / (T N) and token masses can be 0, both beyond what float16 holds.
-        with torch.autocast(device_type=frames.device.type, enabled=False):
-            plans = result.plan.float()
-            frames, teacher_states, cost = frames.float(), teacher_states.float(), cost.float()
-            # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
-            token_mass = plans.sum(1)  # (B, N)
-            pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-30)[:, :, None]
-            similarity = nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(
-                teacher_states, dim=-1, eps=1e-8
-            )
-            distance = 1.0 - similarity.sum(-1)
-            n_tokens = token_mask.sum(-1)
-            per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
-            if self.config.kt_loss_type == "cosine+transport":
-                per_example = per_example + (cost * plans).sum((1, 2))
-            has_tokens = (n_tokens > 0) & frame_mask.any(-1)
-            kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
-
-        stats = alignment_diagnostics(result.plan, frame_mask, token_mask)
-        diagnostics = dict(
-            token_coverage=stats.token_coverage.nanmean(),
-            dropped_frame_fraction=stats.dropped_frame_fraction.nanmean(),
-            # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
-            transported_mass=(stats.total_mass * has_tokens).sum() / has_tokens.sum(),
+        teacher_states = teacher_states.to(frames.device)
+        config = self.config
+        graphed = (
+            config.kt_cuda_graphs and self.training and frames.is_cuda and frames.requires_grad
+            and torch.is_grad_enabled() and not (self._transfer_graphs is not None and self._transfer_graphs.failed)
         )
+        if graphed:
+            terms = functools.partial(
+                transfer_terms, aligner=ALIGNERS[config.aligner], kt_loss_type=config.kt_loss_type,
+                solver_settings={**config.solver_settings, "max_iter": config.alignment_graph_iterations},
+            )
+            if self._transfer_graphs is None or self._transfer_graphs.terms.keywords != terms.keywords:
+                self._transfer_graphs = _TransferGraphs(terms)  # new settings: the old graphs no longer apply
+            kt_loss, plans, stats = self._transfer_graphs(frames, frame_mask, teacher_states, token_mask)
+        else:
+            kt_loss, plans, stats = transfer_terms(
+                frames, frame_mask, teacher_states, token_mask, aligner=ALIGNERS[config.aligner],
+                solver_settings=config.solver_settings, kt_loss_type=config.kt_loss_type,
+            )
+        coverage, dropped, mass = stats.unbind()
+        diagnostics = dict(token_coverage=coverage, dropped_frame_fraction=dropped, transported_mass=mass)
         return kt_loss, plans, diagnostics
+
+
+def transfer_terms(
+    frames: torch.Tensor,
+    frame_mask: torch.Tensor,
+    teacher_states: torch.Tensor,
+    token_mask: torch.Tensor,
+    *,
+    aligner: Callable,
+    solver_settings: dict,
+    kt_loss_type: str = "cosine",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transfer after the adapter: cost, plan, pooled frames, loss and diagnostics.
+
+    A function of tensors only, so that it can be captured as a CUDA graph (see `Wav2Vec2UOTConfig.kt_cuda_graphs`).
+    Padding beyond the masks changes none of its results.
+
+    Args:
+        frames (`torch.Tensor` of shape `(B, T, D)`): adapted acoustic states.
+        frame_mask (`torch.BoolTensor` of shape `(B, T)`): `True` on valid frames.
+        teacher_states (`torch.Tensor` of shape `(B, N, D)`): the teacher's token states; padding may hold anything.
+        token_mask (`torch.BoolTensor` of shape `(B, N)`): `True` on valid tokens.
+        aligner: an entry of `modeling_uot_ctc.solver.ALIGNERS`.
+        solver_settings: its keyword arguments (`Wav2Vec2UOTConfig.solver_settings`).
+        kt_loss_type: `"cosine"` or `"cosine+transport"` (see the config).
+
+    Returns:
+        `(kt_loss, plans, stats)`: the loss `()`, the plans `(B, T, N)` in float32, and `stats` `(3,)` holding the
+        batch means of token coverage, dropped-frame fraction and transported mass.
+    """
+    # Padded teacher positions may hold anything; zeros keep them out of every sum below.
+    teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.dtype), 0.0)
+    cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+    result = aligner(cost, frame_mask, token_mask, **solver_settings)
+
+    # The pooling and the loss run in float32 whatever the training precision: plan entries are about 1 / (T N) and
+    # token masses can be 0, both beyond what float16 holds.
+    with torch.autocast(device_type=frames.device.type, enabled=False):
+        plans = result.plan.float()
+        frames, teacher_states, cost = frames.float(), teacher_states.float(), cost.float()
+        # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
+        token_mass = plans.sum(1)  # (B, N)
+        pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-30)[:, :, None]
+        similarity = nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(
+            teacher_states, dim=-1, eps=1e-8
+        )
+        distance = 1.0 - similarity.sum(-1)
+        n_tokens = token_mask.sum(-1)
+        per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
+        if kt_loss_type == "cosine+transport":
+            per_example = per_example + (cost * plans).sum((1, 2))
+        has_tokens = (n_tokens > 0) & frame_mask.any(-1)
+        kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+    diagnostics = alignment_diagnostics(result.plan, frame_mask, token_mask)
+    stats = torch.stack([
+        diagnostics.token_coverage.nanmean(),
+        diagnostics.dropped_frame_fraction.nanmean(),
+        # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
+        (diagnostics.total_mass * has_tokens).sum() / has_tokens.sum(),
+    ])
+    return kt_loss, plans, stats
+
+
+class _TransferGraphs:
+    """`transfer_terms` replayed from captured CUDA graphs, forward and backward, one graph per padded shape.
+
+    Why by hand: `torch.compile` would recompile for every new length, and `torch.cuda.make_graphed_callables` needs
+    fixed shapes; this class pads to a few shapes, keeps one graphed callable for each, and falls back to the eager
+    function (with a warning) if a capture fails. The adapter stays outside the graph: a graph returns its
+    gradients in static buffers, which `AccumulateGrad` may adopt as a parameter's `.grad` and the next replay
+    would overwrite (pytorch/pytorch#181723); the adapted frames are never a leaf, so their gradient is always
+    copied into the adapter's own backward.
+    """
+
+    frame_multiple = 64
+    token_multiple = 16
+    max_graphs = 16
+
+    def __init__(self, terms: Callable):
+        self.terms = terms
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.failed = False
+
+    def __call__(self, frames, frame_mask, teacher_states, token_mask):
+        n_frames, n_tokens = frames.shape[1], teacher_states.shape[1]
+        pad_frames, pad_tokens = -n_frames % self.frame_multiple, -n_tokens % self.token_multiple
+        # The graphs are captured, and replayed, outside autocast: capture cannot use autocast's cache.
+        with torch.autocast(device_type="cuda", enabled=False):
+            inputs = (
+                nn.functional.pad(frames.float(), (0, 0, 0, pad_frames)),
+                nn.functional.pad(frame_mask, (0, pad_frames)),
+                nn.functional.pad(teacher_states.float(), (0, 0, 0, pad_tokens)),
+                nn.functional.pad(token_mask, (0, pad_tokens)),
+            )
+            key = (frames.device, *(tuple(x.shape) for x in inputs))
+            graphed = self.graphs.get(key)
+            if graphed is None:
+                graphed = self._capture(key, inputs)
+                if graphed is None:
+                    return self.terms(frames, frame_mask, teacher_states, token_mask)
+            self.graphs.move_to_end(key)
+            kt_loss, plans, stats = graphed(*inputs)
+        # The outputs live in the graph's static buffers, which the next replay overwrites.
+        return kt_loss, plans[:, :n_frames, :n_tokens].detach().clone(), stats.detach().clone()
+
+    def _capture(self, key, inputs):
+        samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
+        try:
+            graphed = torch.cuda.make_graphed_callables(self.terms, samples)
+        except Exception as error:  # a custom aligner that reads values on the host, an unsupported operation
+            self.failed = True
+            self.graphs.clear()
+            logger.warning(
+                "Capturing the transfer as a CUDA graph failed, so it runs eagerly from now on (kt_cuda_graphs is "
+                "ignored): %s",
+                error,
+            )
+            return None
+        self.graphs[key] = graphed
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return graphed
 
 
 # Saving writes `auto_map` and copies this file and its relative imports next to the weights, so that a folder or

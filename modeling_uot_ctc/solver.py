@@ -175,7 +175,9 @@ def solve_uot(
         If positive, adds `temporal_order_weight * temporal_order_penalty(...)` to the cost: transport far from the
         diagonal in normalised time becomes expensive. `value` includes this term.
     max_iter : int
-        Largest number of iterations per example.
+        Largest number of iterations per example. Under CUDA graph capture (`torch.cuda.graph`,
+        `torch.cuda.make_graphed_callables`) a graph cannot stop early, so the sync-free iteration runs exactly
+        `max_iter` iterations there; each example's result is still frozen at the check where it converged.
     tol : float
         Stop an example once the mass moved by one iteration's updates (L1, in the unit of the weights, which sum
         to 1 by default) falls below `tol`. Measured every `check_every` iterations.
@@ -204,6 +206,7 @@ def solve_uot(
         for CUDA tensors, off elsewhere (on a CPU the blocking iteration can drop finished examples from the batch,
         which is faster there). Ignored by `method="log"` and the unrolled mode. Masks on another device than
         `cost`, and explicit weights (validated on the host), each cost one wait before the iteration starts.
+        The only iteration that can be captured in a CUDA graph (see `max_iter`).
 
     Returns
     -------
@@ -264,6 +267,11 @@ def solve_uot(
     # Autocast would run the iteration's matrix products in half precision; the solver's accuracy is float32's.
     with _autocast_disabled(cost.device):
         if grad_mode == "unrolled":
+            if _capturing(cost.device):
+                raise ValueError(
+                    "grad_mode='unrolled' cannot be captured in a CUDA graph: its iteration reads convergence "
+                    "checks on the host. Use grad_mode='detach'."
+                )
             problem = _Problem(
                 cost, frame_mask, token_mask, frame_weights, token_weights, eps, rho_frames, rho_tokens,
                 temporal_order_weight,
@@ -278,6 +286,11 @@ def solve_uot(
                 if sync_free is None:
                     sync_free = cost.device.type == "cuda"
                 sync_free = sync_free and method == "scaling"
+                if _capturing(cost.device) and not sync_free:
+                    raise ValueError(
+                        "Under CUDA graph capture the solver needs method='scaling' with sync_free left on: the "
+                        "other iterations read their convergence checks on the host, which a graph cannot do."
+                    )
                 problem = _Problem(
                     cost, frame_mask, token_mask, frame_weights, token_weights, eps, rho_frames, rho_tokens,
                     temporal_order_weight, sync_free,
@@ -302,6 +315,10 @@ def solve_uot(
         converged=converged,
         marginal_error=error,
     )
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _autocast_disabled(device: torch.device):
@@ -759,17 +776,19 @@ def _iterate_scaling_sync_free(problem: _Problem, max_iter, tol, translation_inv
     recorded (and so frozen) at the check where it converges, kernels are rebuilt by masking, and whether every
     example has finished is copied to pinned host memory and read only once the copy has landed, up to
     `_MAX_PENDING_CHECKS` checks late. Extra iterations after the last example converged change nothing recorded,
-    so the results equal those of `_iterate_scaling` up to rounding.
+    so the results equal those of `_iterate_scaling` up to rounding. Under CUDA graph capture nothing is read
+    back: the captured iteration runs all `max_iter` iterations.
     """
     batch = problem.a.shape[0]
     device = problem.a.device
+    capturing = _capturing(device)
     state = _ScalingState(problem, None, translation_invariant, branchless=True)
 
     out_f, out_g = torch.zeros_like(problem.a), torch.zeros_like(problem.b)
     n_iter = torch.zeros(batch, dtype=torch.long, device=device)
     done = ~problem.nonempty
     error = torch.where(done, 0.0, INF).to(problem.a.dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and not capturing:
         # Whether all examples had finished, at each check, copied to the host as the device gets there.
         flags = torch.zeros(max_iter // check_every + 1, dtype=torch.bool, pin_memory=True)
     n_checks = 0
@@ -789,13 +808,12 @@ def _iterate_scaling_sync_free(problem: _Problem, max_iter, tol, translation_inv
             # As in the blocking iteration, one running example's need rebuilds every running example: fresh
             # scalings keep float32 rounding in the stopping criterion low for all of them.
             state.rebuild((needs_rebuild & ~done).any() & ~done)
-            all_done = done.all()
             if device.type != "cuda":
-                if bool(all_done):  # computed already: reading it costs nothing
+                if bool(done.all()):  # computed already: reading it costs nothing
                     break
-            else:
+            elif not capturing:
                 flag = flags[n_checks]
-                flag.copy_(all_done, non_blocking=True)
+                flag.copy_(done.all(), non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))  # the copy's stream, whatever the current device
                 pending.append((event, flag))

@@ -23,7 +23,8 @@ from transformers import (
     pipeline,
 )
 
-from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, solve_uot
+from modeling_uot_ctc.modeling_wav2vec2_uot import transfer_terms
 
 TEACHER_WIDTH = 24
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz'")
@@ -241,6 +242,12 @@ def test_config_fields_and_rho_conventions():
     assert json.loads(tiny_config().to_json_string())["rho_tokens"] is None  # strict JSON, no Infinity
 
 
+@pytest.mark.parametrize("iterations", [0, -4, 2.5])
+def test_graph_iterations_must_be_a_positive_integer(iterations):
+    with pytest.raises(ValueError, match="alignment_graph_iterations"):
+        tiny_config(alignment_graph_iterations=iterations)
+
+
 def test_save_and_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
@@ -251,7 +258,7 @@ def test_save_and_load_round_trip(model, tmp_path):
     for field in ("aligner", "alignment_eps", "rho_frames", "rho_tokens", "kt_weight", "kt_loss_type",
                   "kt_warmup_steps", "kt_adapter", "kt_encoder_layer", "teacher_hidden_size", "temporal_order_weight",
                   "alignment_max_iter", "alignment_tol", "alignment_grad_mode", "teacher_name_or_path",
-                  "teacher_layer"):
+                  "teacher_layer", "kt_cuda_graphs", "alignment_graph_iterations"):
         assert saved[field] == getattr(model.config, field)
     assert saved["auto_map"]["AutoModelForCTC"].endswith("Wav2Vec2ForCTCWithUOT")
     loaded = AutoModelForCTC.from_pretrained(tmp_path).eval()
@@ -385,4 +392,109 @@ def test_transfer_loss_never_waits_for_the_gpu():
         kt_loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("kt_loss_type", ["cosine", "cosine+transport"])
+def test_transfer_terms_do_not_see_padding(kt_loss_type):
+    """What the CUDA graphs rely on: padding frames and tokens beyond the masks, with anything in them, changes
+    neither the loss, nor the diagnostics, nor the plans, nor the gradient of the valid frames."""
+    gen = torch.Generator().manual_seed(4)
+    frame_counts, token_counts = (30, 22, 9), (5, 7, 2)
+    width, settings = 12, dict(eps=0.1, rho_frames=0.5, tol=1e-9, max_iter=5000)
+
+    def run(n_frames, n_tokens, fill):
+        frames = torch.full((3, n_frames, width), fill, dtype=torch.float64)
+        teacher = torch.full((3, n_tokens, width), fill, dtype=torch.float64)
+        frame_mask = torch.zeros(3, n_frames, dtype=torch.bool)
+        token_mask = torch.zeros(3, n_tokens, dtype=torch.bool)
+        for k, (t, n) in enumerate(zip(frame_counts, token_counts)):
+            frames[k, :t], teacher[k, :n] = valid_frames[k, :t], valid_teacher[k, :n]
+            frame_mask[k, :t], token_mask[k, :n] = True, True
+        frames.requires_grad_(True)
+        kt_loss, plans, stats = transfer_terms(
+            frames, frame_mask, teacher, token_mask, aligner=solve_uot, solver_settings=settings,
+            kt_loss_type=kt_loss_type,
+        )
+        kt_loss.backward()
+        return kt_loss, plans[:, : max(frame_counts), : max(token_counts)], stats, frames.grad
+
+    valid_frames = torch.randn(3, max(frame_counts), width, generator=gen, dtype=torch.float64)
+    valid_teacher = torch.randn(3, max(token_counts), width, generator=gen, dtype=torch.float64)
+    tight = run(max(frame_counts), max(token_counts), 0.0)
+    padded = run(64, 16, 7.0)
+    # Equal up to the solver's tolerance: the padded problem sums in another order, so it may stop elsewhere.
+    for a, b in zip(tight[:3], padded[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(padded[3][:, : max(frame_counts)], tight[3], rtol=1e-7, atol=1e-8)
+    assert (padded[3][:, max(frame_counts) :] == 0).all()
+    assert tight[3].abs().sum() > 0
+
+
+def test_cuda_graph_setting_is_ignored_off_the_gpu():
+    torch.manual_seed(5)
+    eager = Wav2Vec2ForCTCWithUOT(tiny_config()).train()
+    graphed = Wav2Vec2ForCTCWithUOT(tiny_config(kt_cuda_graphs=True)).train()
+    graphed.load_state_dict(eager.state_dict())
+    batch = make_batch()
+    a, b = eager(**batch), graphed(**batch)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)
+    assert graphed._transfer_graphs is None
+
+
+def graphed_and_eager_twins(**overrides):
+    torch.manual_seed(6)
+    settings = dict(alignment_tol=1e-5, alignment_graph_iterations=400, **overrides)
+    eager = Wav2Vec2ForCTCWithUOT(tiny_config(**settings)).cuda().train()
+    graphed = Wav2Vec2ForCTCWithUOT(tiny_config(kt_cuda_graphs=True, **settings)).cuda().train()
+    graphed.load_state_dict(eager.state_dict())
+    return eager, graphed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_transfer_matches_the_eager_one():
+    """Same losses, diagnostics, plans and accumulated gradients, over batches that share a padded shape and one
+    that needs another; two backward passes accumulate (the case that static gradient buffers would break)."""
+    eager, graphed = graphed_and_eager_twins()
+    batches = [
+        make_batch(seed=0),
+        make_batch(lengths=(2000, 2300, 900), label_lengths=(5, 6, 2), token_counts=(4, 5, 2), seed=1),
+        make_batch(lengths=(16000, 9000, 12000), label_lengths=(9, 6, 8), token_counts=(20, 11, 17), seed=2),
+    ]
+    for batch in batches:
+        batch = {key: value.cuda() for key, value in batch.items()}
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+        for _ in range(2):  # gradient accumulation over the same micro-batch twice
+            outputs = [model(**batch, output_alignments=True) for model in (eager, graphed)]
+            for out in outputs:
+                out.loss.backward()
+        a, b = outputs
+        for name in ("loss", "kt_loss", "ctc_loss", "token_coverage", "dropped_frame_fraction", "transported_mass"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(b.alignments, a.alignments, rtol=1e-4, atol=1e-7)
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+    graphs = graphed._transfer_graphs
+    assert not graphs.failed and len(graphs.graphs) == 2  # the first two batches share one padded shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_transfer_never_waits_for_the_gpu():
+    _, model = graphed_and_eager_twins()
+    batch = {key: value.cuda() for key, value in make_batch().items()}
+    model(**batch).loss.backward()  # captures the graph, which synchronises
+    hidden = model.wav2vec2(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+    frame_mask = model._frame_mask(hidden.shape[1], batch["attention_mask"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any operation that makes the host wait now raises
+    try:
+        kt_loss, _, diagnostics = model._transfer_loss(
+            hidden, frame_mask, batch["teacher_hidden_states"], batch["teacher_attention_mask"]
+        )
+        kt_loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not model._transfer_graphs.failed and len(model._transfer_graphs.graphs) == 1
     assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)

@@ -494,3 +494,43 @@ def test_sync_free_iteration_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     assert bool(on_gpu.converged.all())
     torch.testing.assert_close(on_gpu.plan.cpu(), on_cpu.plan, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_in_a_cuda_graph_it_runs_max_iter_and_matches_the_eager_solver():
+    sizes = [(300, 30), (120, 7), (250, 18)]
+    kwargs = dict(eps=0.05, rho_frames=1.0, tol=1e-5, max_iter=400)
+    first, second = (
+        [tensor.cuda() for tensor in padded_batch(sizes, seed, dtype=torch.float32, pad_value=0.0)] for seed in (3, 4)
+    )
+    static = [tensor.clone() for tensor in first]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        solve_uot(*static, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = solve_uot(*static, **kwargs)
+    for batch in (first, second):  # replayed on new data copied into the captured inputs
+        for target, source in zip(static, batch):
+            target.copy_(source)
+        graph.replay()
+        eager = solve_uot(*batch, **kwargs)
+        assert bool(eager.converged.all()) and bool(captured.converged.all())
+        assert int(eager.n_iter.max()) < kwargs["max_iter"]
+        # Frozen at the same check as the eager iteration, however many iterations the graph ran after it.
+        assert torch.equal(captured.n_iter, eager.n_iter)
+        torch.testing.assert_close(captured.plan, eager.plan, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(captured.value, eager.value, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("settings", [dict(grad_mode="unrolled"), dict(sync_free=False), dict(method="log")])
+def test_iterations_that_read_the_host_refuse_to_be_captured(settings):
+    cost, frame_mask, token_mask = (tensor.cuda() for tensor in padded_batch([(20, 5)], 5, torch.float32, 0.0))
+    solve_uot(cost, frame_mask, token_mask)  # warm-up
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            solve_uot(cost, frame_mask, token_mask, **settings)
