@@ -178,19 +178,23 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(self.dropout(hidden_states))
 
-        # The transfer comes before the CTC loss, whose target packing makes the host wait for the device: queued
-        # first, the solver's many small kernels can be launched while the GPU is still busy with the encoder.
-        kt_loss = plans = diagnostics = None
+        # The CTC loss makes the host wait for all queued device work (it packs its targets and copies its lengths
+        # to the device). The eager transfer is queued before it, so that the solver's many small kernels are
+        # launched while the GPU still runs the encoder; the graphed transfer, a few launches but milliseconds of
+        # device work, is queued after it, so that the GPU runs it while the host launches the backward pass.
+        kt_loss = plans = diagnostics = transfer_inputs = None
         if run_transfer:
             acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
             frame_mask = self._frame_mask(acoustic.shape[1], attention_mask)
-            kt_loss, plans, diagnostics = self._transfer_loss(
-                acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask
-            )
-
+            transfer_inputs = (acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask)
+        transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states)
+        if transfer_first:
+            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
         ctc_loss = None
         if labels is not None:
             ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask)
+        if run_transfer and not transfer_first:
+            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
 
         loss = None
         if ctc_loss is not None:
@@ -257,6 +261,14 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             return None
         return self._get_feature_vector_attention_mask(n_frames, attention_mask).bool()
 
+    def _transfer_graphs_apply(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the transfer runs from captured CUDA graphs (`config.kt_cuda_graphs`) in this forward pass."""
+        return (
+            self.config.kt_cuda_graphs and self.training and hidden_states.is_cuda and torch.is_grad_enabled()
+            and any(p.requires_grad for p in self.kt_adapter.parameters())
+            and not (self._transfer_graphs is not None and self._transfer_graphs.failed)
+        )
+
     def _transfer_loss(self, acoustic, frame_mask, teacher_states, teacher_mask):
         """Align adapted frames with teacher tokens and return `(kt_loss, plans, diagnostics)`."""
         batch, n_frames = acoustic.shape[:2]
@@ -270,11 +282,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         frames = self.kt_adapter(acoustic)
         teacher_states = teacher_states.to(frames.device)
         config = self.config
-        graphed = (
-            config.kt_cuda_graphs and self.training and frames.is_cuda and frames.requires_grad
-            and torch.is_grad_enabled() and not (self._transfer_graphs is not None and self._transfer_graphs.failed)
-        )
-        if graphed:
+        if self._transfer_graphs_apply(frames) and frames.requires_grad:
             terms = functools.partial(
                 transfer_terms, aligner=ALIGNERS[config.aligner], kt_loss_type=config.kt_loss_type,
                 solver_settings={**config.solver_settings, "max_iter": config.alignment_graph_iterations},
