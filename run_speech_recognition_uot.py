@@ -177,6 +177,14 @@ class TransferArguments:
     kt_warmup_steps: int = field(default=0, metadata={"help": "Optimiser steps of CTC alone first."})
     kt_adapter: str = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
     kt_encoder_layer: int = field(default=-1, metadata={"help": "Encoder layer feeding the adapter."})
+    kt_cuda_graphs: bool = field(
+        default=False,
+        metadata={"help": "On a CUDA device, replay the transfer from captured CUDA graphs (faster steps; the solver "
+                  "then runs exactly alignment_graph_iterations iterations)."},
+    )
+    alignment_graph_iterations: int = field(
+        default=8, metadata={"help": "Solver iterations inside the CUDA graphs (see kt_cuda_graphs)."}
+    )
 
 
 def parse_arguments(argv: list[str]):
@@ -434,7 +442,9 @@ class DataCollatorCTCWithTeacher:
 class UOTTrainer(Trainer):
     """The Trainer, logging the CTC loss, the transfer loss and the alignment diagnostics separately."""
 
-    LOGGED = ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass")
+    LOGGED = (
+        "ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged"
+    )
 
     def __init__(self, *args, model_card_writer=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -572,7 +582,7 @@ def write_model_card(output_dir, model, metrics, data_args, model_args, training
     settings = {k: getattr(config, k) for k in (
         "aligner", "alignment_eps", "rho_frames", "rho_tokens", "temporal_order_weight", "kt_weight", "kt_loss_type",
         "kt_warmup_steps", "kt_adapter", "kt_encoder_layer", "alignment_max_iter", "alignment_tol",
-        "alignment_grad_mode")}
+        "alignment_grad_mode", "kt_cuda_graphs", "alignment_graph_iterations")}
     rows = "\n".join(f"| `{k}` | {'inf (hard)' if v is None and k.startswith('rho') else v} |" for k, v in settings.items())
     result_lines = "\n".join(f"- {r['name']}: {r['value']}" for r in results) or "- (not evaluated)"
     card = f"""---

@@ -18,4 +18,6 @@ $python -c "import torch, transformers; print('torch', torch.__version__, '| tra
 $python -m pytest -q tests/test_solver.py tests/test_modeling.py -k "cuda or never_waits or captured" -rs 2>&1 \
     | tee "$out/tests.log"
 $bench --no-memory --variants "uot cached" "uot uniform plan" "uot graphed" 2>&1 | tee "$out/bench_graphed.log"
-$bench --graph-iterations 8 --variants "uot cached" "uot graphed" 2>&1 | tee "$out/bench_graphed_8_iterations.log"
+$bench --no-memory --graph-iterations 12 --variants "uot cached" "uot graphed" 2>&1 \
+    | tee "$out/bench_graphed_12_iterations.log"
+$bench --variants "uot cached" "uot graphed" 2>&1 | tee "$out/bench_graphed_again_with_memory.log"

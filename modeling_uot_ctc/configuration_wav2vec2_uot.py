@@ -77,7 +77,7 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             (a graph cannot stop early). Elsewhere (CPU, evaluation, no gradient) the setting is ignored. Needs the
             `"scaling"` iteration in the `"detach"` gradient mode and an aligner that never reads a value on the
             host; if capturing fails, the model warns once and goes on without graphs.
-        alignment_graph_iterations (`int`, *optional*, defaults to 12):
+        alignment_graph_iterations (`int`, *optional*, defaults to 8):
             Solver iterations inside a captured graph (`kt_cuda_graphs`). An example that meets `alignment_tol`
             earlier is frozen at that point, so the plans equal those of the eager solver whenever every example
             converges within this budget; make it at least the iterations the eager solver reports
@@ -94,6 +94,7 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         "token_coverage",
         "dropped_frame_fraction",
         "transported_mass",
+        "alignment_converged",
         "hidden_states",
         "attentions",
     ]
@@ -119,7 +120,7 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         teacher_name_or_path: str = "",
         teacher_layer: int = -1,
         kt_cuda_graphs: bool = False,
-        alignment_graph_iterations: int = 12,
+        alignment_graph_iterations: int = 8,
         **kwargs,
     ):
         super().__init__(**kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -45,6 +46,9 @@ class Wav2Vec2UOTOutput(ModelOutput):
             Batch means of the detection diagnostics of the plans (see `modeling_uot_ctc.diagnostics`), detached.
             (The mean normalised frame mass is not repeated: with uniform frame weights it is the transported
             mass.)
+        alignment_converged (`torch.FloatTensor` of shape `()`, *optional*):
+            The fraction of the batch's examples whose solver met `config.alignment_tol`: below 1, the iteration
+            budget (`alignment_max_iter`, or `alignment_graph_iterations` with CUDA graphs) is too small.
         hidden_states, attentions:
             As in `Wav2Vec2ForCTC`, when asked for.
     """
@@ -60,6 +64,7 @@ class Wav2Vec2UOTOutput(ModelOutput):
     token_coverage: Optional[torch.FloatTensor] = None
     dropped_frame_fraction: Optional[torch.FloatTensor] = None
     transported_mass: Optional[torch.FloatTensor] = None
+    alignment_converged: Optional[torch.FloatTensor] = None
 
 
 class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
@@ -295,8 +300,11 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 frames, frame_mask, teacher_states, token_mask, aligner=ALIGNERS[config.aligner],
                 solver_settings=config.solver_settings, kt_loss_type=config.kt_loss_type,
             )
-        coverage, dropped, mass = stats.unbind()
-        diagnostics = dict(token_coverage=coverage, dropped_frame_fraction=dropped, transported_mass=mass)
+        coverage, dropped, mass, converged = stats.unbind()
+        diagnostics = dict(
+            token_coverage=coverage, dropped_frame_fraction=dropped, transported_mass=mass,
+            alignment_converged=converged,
+        )
         return kt_loss, plans, diagnostics
 
 
@@ -325,8 +333,9 @@ def transfer_terms(
         kt_loss_type: `"cosine"` or `"cosine+transport"` (see the config).
 
     Returns:
-        `(kt_loss, plans, stats)`: the loss `()`, the plans `(B, T, N)` in float32, and `stats` `(3,)` holding the
-        batch means of token coverage, dropped-frame fraction and transported mass.
+        `(kt_loss, plans, stats)`: the loss `()`, the plans `(B, T, N)` in float32, and `stats` `(4,)` holding the
+        batch means of token coverage, dropped-frame fraction and transported mass, and the fraction of examples
+        whose solver converged.
     """
     # Padded teacher positions may hold anything; zeros keep them out of every sum below.
     teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.dtype), 0.0)
@@ -358,6 +367,7 @@ def transfer_terms(
         diagnostics.dropped_frame_fraction.nanmean(),
         # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
         (diagnostics.total_mass * has_tokens).sum() / has_tokens.sum(),
+        result.converged.float().mean(),
     ])
     return kt_loss, plans, stats
 
@@ -407,7 +417,11 @@ class _TransferGraphs:
     def _capture(self, key, inputs):
         samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
         try:
-            graphed = torch.cuda.make_graphed_callables(self.terms, samples)
+            with warnings.catch_warnings():
+                # Capture runs the backward on another stream than the warm-up did; autograd flags the mismatch,
+                # which matters only to gradients accumulated into leaves, and the samples' gradients are not.
+                warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+                graphed = torch.cuda.make_graphed_callables(self.terms, samples)
         except Exception as error:  # a custom aligner that reads values on the host, an unsupported operation
             self.failed = True
             self.graphs.clear()

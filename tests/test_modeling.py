@@ -121,6 +121,13 @@ def test_loss_is_ctc_plus_weighted_transfer(model):
     assert out.token_coverage.item() == pytest.approx(1.0)
     assert 0.0 <= out.dropped_frame_fraction.item() <= 1.0
     assert out.transported_mass.item() == pytest.approx(1.0, abs=1e-5)  # tokens hard: mass 1 per example
+    assert out.alignment_converged.item() == 1.0
+
+
+def test_converged_fraction_reports_a_short_iteration_budget():
+    torch.manual_seed(7)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(alignment_max_iter=1, alignment_tol=1e-9)).eval()
+    assert model(**make_batch()).alignment_converged.item() == 0.0
 
 
 @pytest.mark.parametrize("switch_off", ["no_teacher", "kt_weight_0", "aligner_none"])
@@ -470,6 +477,7 @@ def test_cuda_graphed_transfer_matches_the_eager_one():
             for out in outputs:
                 out.loss.backward()
         a, b = outputs
+        assert b.alignment_converged.item() == 1.0  # the eager solver's plans only where every example converged
         for name in ("loss", "kt_loss", "ctc_loss", "token_coverage", "dropped_frame_fraction", "transported_mass"):
             torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(b.alignments, a.alignments, rtol=1e-4, atol=1e-7)

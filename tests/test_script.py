@@ -50,6 +50,7 @@ def test_end_to_end_trains_evaluates_and_serves(trained, teacher):
     for entry in steps:
         for name in ("ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass"):
             assert name in entry
+        assert 0.0 <= entry["alignment_converged"] <= 1.0
         assert entry["loss"] == pytest.approx(entry["ctc_loss"] + 0.5 * entry["kt_loss"], rel=1e-4)
     asr = pipeline("automatic-speech-recognition", model=output_dir, device=-1)
     audio = speech_like("the air is clean", np.random.default_rng(0))
