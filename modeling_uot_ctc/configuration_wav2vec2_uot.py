@@ -71,12 +71,14 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             In training on a CUDA device, run the transfer after the adapter (cost, solver, pooling, loss and
             diagnostics, forward and backward) as captured CUDA graphs: a few launches per step instead of about
             500 small operations, whose launch latency otherwise dominates the transfer's cost. Frames are padded
-            up to a multiple of 64 and tokens to a multiple of 16, and one graph is kept per padded shape (at most
-            16, least recently used dropped); the results do not depend on the padding. The graphed transfer runs
-            in float32 whatever the autocast, and the solver runs exactly `alignment_graph_iterations` iterations
-            (a graph cannot stop early). Elsewhere (CPU, evaluation, no gradient) the setting is ignored. Needs the
-            `"scaling"` iteration in the `"detach"` gradient mode and an aligner that never reads a value on the
-            host; if capturing fails, the model warns once and goes on without graphs.
+            to 64, 96, 128, 192, 256, ... and tokens to 16, 24, 32, 48, 64, ...; one graph is kept per padded
+            shape (at most 16, the least recently used dropped), each with its own device memory (about 150 MiB
+            at wav2vec2-base size, 8 clips of 10 s). The results do not depend on the padding. The graphed
+            transfer runs in float32 whatever the autocast, and the solver runs exactly
+            `alignment_graph_iterations` iterations (a graph cannot stop early). Elsewhere (CPU, evaluation, no
+            gradient) the setting is ignored. Needs the `"scaling"` iteration in the `"detach"` gradient mode and
+            an aligner that never reads a value on the host; if capturing fails, the model warns once and goes on
+            without graphs.
         alignment_graph_iterations (`int`, *optional*, defaults to 8):
             Solver iterations inside a captured graph (`kt_cuda_graphs`). An example that meets `alignment_tol`
             earlier is frozen at that point, so the plans equal those of the eager solver whenever every example

@@ -383,8 +383,10 @@ class _TransferGraphs:
     copied into the adapter's own backward.
     """
 
-    frame_multiple = 64
-    token_multiple = 16
+    # Padded sizes run 64, 96, 128, 192, 256, ... frames and 16, 24, 32, 48, 64, ... tokens: at most half of a
+    # dimension is padding, and lengths from 1 to 20 s of speech fit in about ten frame sizes.
+    smallest_frames = 64
+    smallest_tokens = 16
     max_graphs = 16
 
     def __init__(self, terms: Callable):
@@ -394,7 +396,8 @@ class _TransferGraphs:
 
     def __call__(self, frames, frame_mask, teacher_states, token_mask):
         n_frames, n_tokens = frames.shape[1], teacher_states.shape[1]
-        pad_frames, pad_tokens = -n_frames % self.frame_multiple, -n_tokens % self.token_multiple
+        pad_frames = padded_size(n_frames, self.smallest_frames) - n_frames
+        pad_tokens = padded_size(n_tokens, self.smallest_tokens) - n_tokens
         # The graphs are captured, and replayed, outside autocast: capture cannot use autocast's cache.
         with torch.autocast(device_type="cuda", enabled=False):
             inputs = (
@@ -432,9 +435,23 @@ class _TransferGraphs:
             )
             return None
         self.graphs[key] = graphed
-        while len(self.graphs) > self.max_graphs:
+        if len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
+            logger.warning_once(
+                f"More than {self.max_graphs} padded shapes of the transfer: the least recently used graph is dropped "
+                "and will be captured again when its shape comes back. Batches grouped by length keep the number "
+                "of shapes down."
+            )
         return graphed
+
+
+def padded_size(size: int, smallest: int) -> int:
+    """The least of `smallest * 2**k` and `1.5 * smallest * 2**k` (k >= 0) that is at least `size`; `smallest` is a
+    power of two."""
+    padded = smallest
+    while padded < size:
+        padded = padded * 3 // 2 if padded & (padded - 1) == 0 else padded * 4 // 3
+    return padded
 
 
 # Saving writes `auto_map` and copies this file and its relative imports next to the weights, so that a folder or

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, solve_uot
-from modeling_uot_ctc.modeling_wav2vec2_uot import transfer_terms
+from modeling_uot_ctc.modeling_wav2vec2_uot import padded_size, transfer_terms
 
 TEACHER_WIDTH = 24
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz'")
@@ -436,6 +436,14 @@ def test_transfer_terms_do_not_see_padding(kt_loss_type):
     torch.testing.assert_close(padded[3][:, : max(frame_counts)], tight[3], rtol=1e-7, atol=1e-8)
     assert (padded[3][:, max(frame_counts) :] == 0).all()
     assert tight[3].abs().sum() > 0
+
+
+def test_graph_shapes_are_the_next_power_of_two_or_one_and_a_half_times_one():
+    allowed = sorted({smallest * 2**k * f // 2 for smallest in (16,) for k in range(12) for f in (2, 3)})
+    for size in range(1, 3000):
+        expected = min(a for a in allowed if a >= size)
+        assert padded_size(size, 16) == expected, size
+    assert [padded_size(n, 64) for n in (1, 64, 65, 97, 129, 193, 500)] == [64, 64, 96, 128, 192, 256, 512]
 
 
 def test_cuda_graph_setting_is_ignored_off_the_gpu():
