@@ -73,11 +73,13 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             500 small operations, whose launch latency otherwise dominates the transfer's cost. Frames are padded
             to 64, 96, 128, 192, 256, ... and tokens to 16, 24, 32, 48, 64, ...; one graph is kept per padded
             shape (at most 16, the least recently used dropped), each with its own device memory (about 150 MiB
-            at wav2vec2-base size, 8 clips of 10 s). The results do not depend on the padding. The graphed
+            at wav2vec2-base size, 8 clips of 10 s). The padding changes the results only within the solver's
+            tolerance. Each forward pass must be followed by its backward pass before the next forward pass of
+            the same padded shape (an error says so otherwise), as in any training loop. The graphed
             transfer runs in float32 whatever the autocast, and the solver runs exactly
             `alignment_graph_iterations` iterations (a graph cannot stop early). Elsewhere (CPU, evaluation, no
-            gradient) the setting is ignored. Needs the `"scaling"` iteration in the `"detach"` gradient mode and
-            an aligner that never reads a value on the host; if capturing fails, the model warns once and goes on
+            gradient, `nn.DataParallel` replicas) the setting is ignored. Needs the `"detach"` gradient mode and an
+            aligner that never reads a value on the host; if capturing fails, the model warns once and goes on
             without graphs.
         alignment_graph_iterations (`int`, *optional*, defaults to 8):
             Solver iterations inside a captured graph (`kt_cuda_graphs`). An example that meets `alignment_tol`
@@ -153,9 +155,16 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
                 f"`teacher_hidden_size` must be the width of the teacher's states (e.g. 384 for all-MiniLM-L6-v2, "
                 f"768 for bert-base), got {teacher_hidden_size!r}."
             )
-        if not (isinstance(alignment_graph_iterations, int) and alignment_graph_iterations >= 1):
+        if isinstance(alignment_graph_iterations, bool) or not (
+            isinstance(alignment_graph_iterations, int) and alignment_graph_iterations >= 1
+        ):
             raise ValueError(
                 f"`alignment_graph_iterations` must be a positive integer, got {alignment_graph_iterations!r}."
+            )
+        if kt_cuda_graphs and alignment_grad_mode != "detach":
+            raise ValueError(
+                f"kt_cuda_graphs needs alignment_grad_mode='detach': the {alignment_grad_mode!r} iteration reads its "
+                "convergence checks on the host, which a CUDA graph cannot do."
             )
         if kt_encoder_layer != -1 and self.add_adapter:
             raise ValueError(

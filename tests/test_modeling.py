@@ -249,10 +249,32 @@ def test_config_fields_and_rho_conventions():
     assert json.loads(tiny_config().to_json_string())["rho_tokens"] is None  # strict JSON, no Infinity
 
 
-@pytest.mark.parametrize("iterations", [0, -4, 2.5])
+@pytest.mark.parametrize("iterations", [0, -4, 2.5, True])
 def test_graph_iterations_must_be_a_positive_integer(iterations):
     with pytest.raises(ValueError, match="alignment_graph_iterations"):
         tiny_config(alignment_graph_iterations=iterations)
+
+
+def test_cuda_graphs_refuse_the_unrolled_gradient():
+    with pytest.raises(ValueError, match="kt_cuda_graphs needs alignment_grad_mode='detach'"):
+        tiny_config(kt_cuda_graphs=True, alignment_grad_mode="unrolled")
+
+
+def test_copies_of_a_model_start_without_graphs():
+    import copy
+    import functools
+    import pickle
+
+    from modeling_uot_ctc.modeling_wav2vec2_uot import _TransferGraphs
+
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_cuda_graphs=True))
+    terms = functools.partial(transfer_terms, aligner=solve_uot, solver_settings={}, kt_loss_type="cosine")
+    model._transfer_graphs = _TransferGraphs(terms)
+    model._transfer_graphs.graphs["a shape"] = lambda: None  # stands in for a captured graph, which cannot be pickled
+    # (Wav2Vec2 itself pickles only through its state dict: its positional convolution is a parametrized module.)
+    for twin in (copy.deepcopy(model)._transfer_graphs, pickle.loads(pickle.dumps(model._transfer_graphs))):
+        assert twin is not model._transfer_graphs and not twin.graphs and twin.terms.keywords == terms.keywords
+    assert len(model._transfer_graphs.graphs) == 1
 
 
 def test_save_and_load_round_trip(model, tmp_path):
@@ -476,24 +498,41 @@ def test_cuda_graphed_transfer_matches_the_eager_one():
         make_batch(lengths=(2000, 2300, 900), label_lengths=(5, 6, 2), token_counts=(4, 5, 2), seed=1),
         make_batch(lengths=(16000, 9000, 12000), label_lengths=(9, 6, 8), token_counts=(20, 11, 17), seed=2),
     ]
-    for batch in batches:
-        batch = {key: value.cuda() for key, value in batch.items()}
+    batches = [{key: value.cuda() for key, value in batch.items()} for batch in batches]
+    # The first two batches share a padded shape: accumulated into the same gradients, then the third alone.
+    for step in (batches[:2], batches[2:]):
         for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
-        for _ in range(2):  # gradient accumulation over the same micro-batch twice
+        kept_losses = []
+        for batch in step:
             outputs = [model(**batch, output_alignments=True) for model in (eager, graphed)]
             for out in outputs:
                 out.loss.backward()
-        a, b = outputs
-        assert b.alignment_converged.item() == 1.0  # the eager solver's plans only where every example converged
-        for name in ("loss", "kt_loss", "ctc_loss", "token_coverage", "dropped_frame_fraction", "transported_mass"):
-            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(b.alignments, a.alignments, rtol=1e-4, atol=1e-7)
+            kept_losses.append((outputs[1].kt_loss, outputs[1].kt_loss.item()))
+            a, b = outputs
+            assert b.alignment_converged.item() == 1.0  # the eager solver's plans only where all converged
+            names = ("loss", "kt_loss", "ctc_loss", "token_coverage", "dropped_frame_fraction", "transported_mass")
+            for name in names:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(b.alignments, a.alignments, rtol=1e-4, atol=1e-7)
         for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+        for loss, value in kept_losses:  # outputs are copies: a later replay leaves them alone
+            assert loss.item() == value
     graphs = graphed._transfer_graphs
-    assert not graphs.failed and len(graphs.graphs) == 2  # the first two batches share one padded shape
+    assert not graphs.failed and len(graphs.graphs) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_transfer_refuses_a_backward_whose_activations_were_replaced():
+    _, model = graphed_and_eager_twins()
+    first = model(**{key: value.cuda() for key, value in make_batch(seed=0).items()})
+    second = model(**{key: value.cuda() for key, value in make_batch(seed=3).items()})  # same padded shape
+    with pytest.raises(RuntimeError, match="before the backward pass of an earlier forward pass"):
+        first.loss.backward()
+    second.loss.backward()  # the latest forward pass is still fine
+    assert model.kt_adapter.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
