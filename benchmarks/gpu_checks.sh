@@ -15,7 +15,7 @@ bench="$python benchmarks/bench_train_step.py --size base --device cuda --bf16 -
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
 $python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)" \
     2>&1 | tee -a "$out/device.txt"
-$python -m pytest -q tests/test_solver.py tests/test_modeling.py -k "cuda or never_waits or captured" -rs 2>&1 \
+$python -m pytest -q tests/test_solver.py tests/test_modeling.py -k "cuda or never_waits or captured or activations" -rs 2>&1 \
     | tee "$out/tests.log"
 $bench --no-memory --variants "uot cached" "uot uniform plan" "uot graphed" 2>&1 | tee "$out/bench_graphed.log"
 $bench --no-memory --graph-iterations 12 --variants "uot cached" "uot graphed" 2>&1 \
