@@ -323,7 +323,8 @@ def transfer_terms(
     """The transfer after the adapter: cost, plan, pooled frames, loss and diagnostics.
 
     A function of tensors only, so that it can be captured as a CUDA graph (see `Wav2Vec2UOTConfig.kt_cuda_graphs`).
-    Padding beyond the masks changes none of its results.
+    Padding beyond the masks, whatever it holds, changes its results only within the solver's tolerance (the padded
+    problem sums in another order, so its iteration may stop at another check).
 
     Args:
         frames (`torch.Tensor` of shape `(B, T, D)`): adapted acoustic states.
