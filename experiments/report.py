@@ -57,8 +57,6 @@ def paired_cell(differences) -> str:
 def table(found, rows) -> str:
     """The recognition table: WER and CER per row (mean ± sample sd over seeds), paired differences to the regime's
     CTC row, and each row's command."""
-    from run_experiments import row_command
-
     lines = [
         "| row | regime | seeds | WER | CER | WER seen voices | WER unseen voices | ΔWER vs CTC, paired by seed "
         "| ΔCER vs CTC, paired by seed | train min | command |",
@@ -67,7 +65,7 @@ def table(found, rows) -> str:
     for row in rows.values():
         runs = found.get(row.name, {})
         if not runs:
-            lines.append(f"| {row.name} | {row.regime} | 0 | not run yet | | | | | | | `{row_command(row)}` |")
+            lines.append(f"| {row.name} | {row.regime} | 0 | not run yet | | | | | | | `{row.command}` |")
             continue
         values = list(runs.values())
         pick = lambda key: [m.get(key) for m in values]  # noqa: E731
@@ -79,7 +77,7 @@ def table(found, rows) -> str:
             f"| {mean_spread(pick('wer_seen'))} | {mean_spread(pick('wer_unseen'))} "
             f"| {paired_cell(paired_difference(found, row.name, baseline)) if paired else '–'} "
             f"| {paired_cell(paired_difference(found, row.name, baseline, 'cer')) if paired else '–'} "
-            f"| {f'{np.mean(minutes):.1f}' if minutes else 'resumed'} | `{row_command(row)}` |"
+            f"| {f'{np.mean(minutes):.1f}' if minutes else 'resumed'} | `{row.command}` |"
         )
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,8 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from modeling_uot_ctc.data import SAMPLING_RATE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = "configs/experiments.yaml"
 RUNS_DIR = "outputs/experiments"
@@ -50,7 +52,6 @@ RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
 # The curve at the recipe's entropic regularisation and at a sharper one, where frames can separate more.
 SWEEP_EPS = (0.1, 0.02)
 SCORES = ("dropped", "mass", "precision", "recall", "effective_frames", "mass_outside_words")
-SAMPLING_RATE = 16_000
 # Bump when the evaluation changes: the report refuses metrics of another version (rerun with --reevaluate).
 EVAL_VERSION = 2
 
@@ -67,6 +68,11 @@ class Row:
     @property
     def data_dir(self) -> str:
         return PADDED_CORPUS if self.regime == "padded" else CLEAN_CORPUS
+
+    @property
+    def command(self) -> str:
+        """The command that trains and evaluates every default seed of the row (printed beside it in the table)."""
+        return f"python experiments/run_experiments.py run --rows {self.name} --seeds {' '.join(map(str, DEFAULT_SEEDS))}"
 
     def train_argv(self, seed: int) -> list[str]:
         """The training script's arguments for this row and seed."""
@@ -114,11 +120,6 @@ def train_command(row: Row, seed: int) -> str:
     """The shell command that trains one run, as printed in its log."""
     argv = ["OMP_NUM_THREADS=1", "python", "run_speech_recognition_uot.py", *row.train_argv(seed)]
     return " ".join(shlex.quote(a) if "=" not in a else a for a in argv)
-
-
-def row_command(row: Row, seeds=DEFAULT_SEEDS) -> str:
-    """The command that trains and evaluates every seed of a row (what the results table prints beside it)."""
-    return f"python experiments/run_experiments.py run --rows {row.name} --seeds {' '.join(map(str, seeds))}"
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -284,14 +285,9 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
 
     sys.path.insert(0, ROOT)
     from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT, cosine_cost
+    from modeling_uot_ctc.data import decode_audio, normalise_text
     from modeling_uot_ctc.metrics import METRIC_PATHS
-    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
-    from run_speech_recognition_uot import (
-        DEFAULT_TEACHER_NAME,
-        decode_audio,
-        default_teacher_cache_dir,
-        normalise_text,
-    )
+    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
 
     # Transcripts are normalised as the experiments' training normalised them.
     with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
@@ -303,14 +299,8 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     aligned = config.aligner != "none"
     teacher = cache = None
     if aligned:
-        name = config.teacher_name_or_path
-        # The script records the default teacher by its hub name but loads it from the installed package.
-        teacher = TextTeacher(
-            default_teacher_path() if name == DEFAULT_TEACHER_NAME else name, layer=config.teacher_layer
-        )
-        cache = TeacherStateCache(
-            teacher, teacher_cache_dir or default_teacher_cache_dir(), key=f"{name}|layer={config.teacher_layer}"
-        )
+        teacher = TextTeacher(config.teacher_name_or_path, layer=config.teacher_layer)
+        cache = TeacherStateCache(teacher, teacher_cache_dir)
 
     with open(os.path.join(data_dir, "test", "metadata.csv"), newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -566,7 +556,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.chdir(ROOT)
     if args.command == "list":
         for row in ROWS.values():
-            print(f"{row.name:20s} {row.regime:13s} {row.description}\n    {row_command(row)}")
+            print(f"{row.name:20s} {row.regime:13s} {row.description}\n    {row.command}")
     elif args.command == "run":
         rows = [ROWS[name] for name in args.rows] if args.rows else list(ROWS.values())
         if args.regimes:

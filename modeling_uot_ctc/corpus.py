@@ -31,12 +31,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .data import SAMPLING_RATE
+
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet/dict")
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "klatt", "klatt2")
 UNSEEN_VARIANTS = ("f4", "klatt2")  # spoken only in part of the test split
-SAMPLING_RATE = 16_000
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,;:'?!.-]*$")
 
 
