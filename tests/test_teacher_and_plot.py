@@ -83,3 +83,36 @@ def test_plan_picture_is_a_png_of_the_plan(tmp_path):
     assert Image.open(tmp_path / "plan.png").size == tuple(int(round(s * 100)) for s in figure.get_size_inches())
     with pytest.raises(ValueError):
         plot_alignment(plan, tmp_path / "bad.png", tokens=tokens[:3])
+
+
+def test_teacher_reads_the_given_hub_cache_revision_and_token(tmp_path, monkeypatch):
+    import modeling_uot_ctc.teacher as teacher_module
+    from script_fixtures import write_teacher
+    from test_modeling import publish_in_hub_cache
+
+    for seed, ref in ((0, "main"), (1, "v2")):
+        write_teacher(str(tmp_path / ref), seed=seed)
+        publish_in_hub_cache(str(tmp_path / "cache"), "someone/teacher", tmp_path / ref, str(seed) * 40, [ref])
+    seen = []
+    for name in ("AutoModel", "AutoTokenizer"):
+        loader = getattr(teacher_module, name)
+
+        class Spy:
+            @staticmethod
+            def from_pretrained(*args, _loader=loader, **kwargs):
+                seen.append((kwargs.get("token"), kwargs.get("trust_remote_code")))
+                return _loader.from_pretrained(*args, **kwargs)
+
+        monkeypatch.setattr(teacher_module, name, Spy)
+    for ref in ("main", "v2"):
+        from_hub = TextTeacher(
+            "someone/teacher", cache_dir=tmp_path / "cache", revision=None if ref == "main" else ref, token="secret",
+            trust_remote_code=True,
+        )
+        local = TextTeacher(model=BertModel.from_pretrained(tmp_path / ref),
+                            tokenizer=BertTokenizerFast.from_pretrained(tmp_path / ref))
+        torch.testing.assert_close(from_hub(SENTENCES[:1]).hidden_states, local(SENTENCES[:1]).hidden_states)
+        assert from_hub.fingerprint == local.fingerprint
+    assert TextTeacher("someone/teacher", cache_dir=tmp_path / "cache", revision="v2").fingerprint != \
+        TextTeacher("someone/teacher", cache_dir=tmp_path / "cache").fingerprint
+    assert seen and all(item == ("secret", True) for item in seen[:4])
