@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -190,6 +191,17 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         self.teacher_layer = int(teacher_layer)
         self.kt_cuda_graphs = bool(kt_cuda_graphs)
         self.alignment_graph_iterations = alignment_graph_iterations
+
+    def to_plain_config(self) -> Wav2Vec2Config:
+        """This configuration without the transfer's fields: a stock `Wav2Vec2Config` (`model_type` "wav2vec2") for
+        the same encoder and CTC head, what `Wav2Vec2ForCTCWithUOT.save_plain_pretrained` writes."""
+        transfer_fields = set(inspect.signature(Wav2Vec2UOTConfig.__init__).parameters) - {"self", "kwargs"}
+        saved_by_the_library = {"model_type", "architectures", "auto_map", "transformers_version"}
+        settings = {
+            key: value for key, value in self.to_dict().items()
+            if key not in transfer_fields and key not in saved_by_the_library
+        }
+        return Wav2Vec2Config(**settings)
 
     @property
     def solver_settings(self) -> dict:

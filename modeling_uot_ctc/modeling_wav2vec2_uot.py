@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+from transformers import PreTrainedModel, Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Model
 from transformers.utils import ModelOutput, logging
 
 from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
@@ -23,6 +23,11 @@ from .diagnostics import alignment_diagnostics
 from .solver import ALIGNERS
 
 logger = logging.get_logger(__name__)
+
+# Checkpoints whose weights `from_plain_wav2vec2` can take: HuBERT, WavLM, data2vec and wav2vec2-conformer share
+# wav2vec 2.0's config fields, but not its weight names or modules, and would load as a random encoder.
+_CONVERTIBLE_MODEL_TYPES = ("wav2vec2", Wav2Vec2UOTConfig.model_type)
+
 
 @dataclass
 class Wav2Vec2UOTOutput(ModelOutput):
@@ -66,6 +71,13 @@ class Wav2Vec2UOTOutput(ModelOutput):
     alignment_converged: Optional[torch.FloatTensor] = None
 
 
+class Wav2Vec2UOTModel(Wav2Vec2Model):
+    """The bare encoder of [`Wav2Vec2ForCTCWithUOT`]: what `AutoModel` loads from its checkpoints (a `Wav2Vec2Model`
+    with the UOT configuration, whose transfer fields it ignores)."""
+
+    config_class = Wav2Vec2UOTConfig
+
+
 class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
     """`Wav2Vec2ForCTC` with an adapter and a transfer loss that align its frames with a teacher's token states.
 
@@ -94,13 +106,23 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
 
     @classmethod
     def from_plain_wav2vec2(
-        cls, pretrained: Union[str, os.PathLike, Wav2Vec2ForCTC, nn.Module], **config_overrides
+        cls,
+        pretrained: Union[str, os.PathLike, Wav2Vec2ForCTC, nn.Module],
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        token: Optional[Union[str, bool]] = None,
+        **config_overrides,
     ) -> "Wav2Vec2ForCTCWithUOT":
         """Build a UOT model from a plain wav2vec 2.0 checkpoint, keeping every encoder weight.
 
         Args:
-            pretrained: a saved `Wav2Vec2ForCTC` or `Wav2Vec2Model` (folder or hub name, e.g.
-                `"facebook/wav2vec2-base"`), or such a model in memory.
+            pretrained: a saved `Wav2Vec2ForCTC`, `Wav2Vec2ForPreTraining` or `Wav2Vec2Model` (folder or hub name,
+                e.g. `"facebook/wav2vec2-base"`), or such a model in memory. Other encoders (HuBERT, WavLM,
+                data2vec, wav2vec2-conformer) are refused: their weights do not fit this model.
+            revision: the branch, tag or commit of a hub checkpoint.
+            cache_dir: where hub downloads are stored (default: the hub's own cache).
+            token: a hub token for private or gated checkpoints (default: the stored login).
             config_overrides: fields of [`Wav2Vec2UOTConfig`] (and of `Wav2Vec2Config`, such as `vocab_size`,
                 `pad_token_id` or `ctc_loss_reduction` for a new CTC head), e.g. `teacher_hidden_size=768`.
 
@@ -108,17 +130,23 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         when `vocab_size` changes it.
         """
         if isinstance(pretrained, nn.Module):
+            model_type = getattr(getattr(pretrained, "config", None), "model_type", type(pretrained).__name__)
+            if not isinstance(pretrained, PreTrainedModel) or model_type not in _CONVERTIBLE_MODEL_TYPES:
+                raise ValueError(_not_convertible(type(pretrained).__name__, model_type))
             base_config = pretrained.config.to_dict()
             state_dict = pretrained.state_dict()
         else:
-            base_config = Wav2Vec2Config.from_pretrained(pretrained).to_dict()
+            hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+            base_config, _ = Wav2Vec2Config.get_config_dict(pretrained, **hub)
+            if base_config.get("model_type") not in _CONVERTIBLE_MODEL_TYPES:
+                raise ValueError(_not_convertible(str(pretrained), base_config.get("model_type")))
             state_dict = None
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             base_config.pop(key, None)
         config = Wav2Vec2UOTConfig(**{**base_config, **config_overrides})
         if state_dict is None:
             # A new vocabulary re-sizes the CTC head; the encoder's shapes come from the checkpoint's own config.
-            return cls.from_pretrained(pretrained, config=config, ignore_mismatched_sizes=True)
+            return cls.from_pretrained(pretrained, config=config, ignore_mismatched_sizes=True, **hub)
         model = cls(config)
         if not any(key.startswith("wav2vec2.") for key in state_dict):
             state_dict = {f"wav2vec2.{key}": value for key, value in state_dict.items()}
@@ -127,11 +155,28 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         model.load_state_dict(compatible, strict=False)
         return model
 
+    def to_plain_wav2vec2(self) -> Wav2Vec2ForCTC:
+        """A stock `Wav2Vec2ForCTC` with this model's weights (all but the adapter): at inference the same model."""
+        plain = Wav2Vec2ForCTC(self.config.to_plain_config())
+        own = {key: value for key, value in self.state_dict().items() if not key.startswith("kt_adapter.")}
+        plain.load_state_dict(own, strict=True)
+        return plain.to(self.device, self.dtype).train(self.training)
+
+    def save_plain_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+        """Save this model as a stock `Wav2Vec2ForCTC` checkpoint (`model_type` "wav2vec2", no adapter, no code).
+
+        `pipeline("automatic-speech-recognition")`, the Hub's widget and other toolkits load it with nothing but
+        transformers, without `trust_remote_code`. Keyword arguments go to `save_pretrained` (e.g.
+        `push_to_hub=True, repo_id="you/model"`); save the processor beside it, as for any checkpoint.
+        """
+        self.to_plain_wav2vec2().save_pretrained(save_directory, **kwargs)
+
     def forward(
         self,
         input_values: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        input_lengths: Optional[torch.Tensor] = None,
         teacher_hidden_states: Optional[torch.Tensor] = None,
         teacher_attention_mask: Optional[torch.Tensor] = None,
         output_alignments: bool = False,
@@ -145,11 +190,18 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             input_values (`torch.FloatTensor` of shape `(batch_size, samples)`):
                 Raw 16 kHz audio, normalised as the feature extractor does.
             attention_mask (`torch.LongTensor` of shape `(batch_size, samples)`, *optional*):
-                1 on real samples, 0 on padding. Needed for padded batches; with `feat_extract_norm="group"`
-                (wav2vec2-base) the convolutional front end still sees the padding, as in `Wav2Vec2ForCTC`.
+                1 on real samples, 0 on padding. Needed for padded batches of layer-norm models; with
+                `feat_extract_norm="group"` (wav2vec2-base) the convolutional front end still sees the padding, as
+                in `Wav2Vec2ForCTC`.
             labels (`torch.LongTensor` of shape `(batch_size, label_length)`, *optional*):
                 CTC targets: vocabulary ids, `-100` on padding. The blank is `config.pad_token_id`. Ids must be
                 below `config.vocab_size`.
+            input_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                The number of real samples in each row of `input_values`, for batches padded without an attention
+                mask: the feature extractors of wav2vec2-base and its group-norm relatives return none, because
+                their encoders were pretrained on unmasked input. The encoder still sees the zero padding, as in
+                `Wav2Vec2ForCTC`; the CTC loss and the transfer use these lengths, so that padding is never taken
+                for speech. Ignored when `attention_mask` is given.
             teacher_hidden_states (`torch.FloatTensor` of shape `(batch_size, tokens, teacher_hidden_size)`,
             *optional*):
                 The teacher's states of each transcript's word pieces, special tokens removed (what
@@ -160,6 +212,11 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 Return the transport plans in `alignments`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # Read from the config here: transformers 5 takes an explicit None as "off" rather than "the config's".
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if labels is not None and labels.max() >= self.config.vocab_size:
             raise ValueError(
                 f"Label ids must be below vocab_size={self.config.vocab_size}, got {int(labels.max())}: the labels "
@@ -167,8 +224,6 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             )
         run_transfer = self._transfer_enabled(teacher_hidden_states)
         tap_layer = self.config.kt_encoder_layer
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
         need_hidden = bool(output_hidden_states) or (run_transfer and tap_layer != -1)
 
         outputs = self.wav2vec2(
@@ -181,6 +236,11 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         )
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(self.dropout(hidden_states))
+        # Where each utterance ends, for the losses: the encoder's mask, else one built from the true lengths.
+        sample_mask = attention_mask
+        if sample_mask is None and input_lengths is not None:
+            positions = torch.arange(input_values.shape[-1], device=input_values.device)
+            sample_mask = (positions[None, :] < input_lengths.to(positions.device)[:, None]).long()
 
         # The CTC loss makes the host wait for all queued device work (it packs its targets and copies its lengths
         # to the device). The eager transfer is queued before it, so that the solver's many small kernels are
@@ -189,14 +249,14 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         kt_loss = plans = diagnostics = transfer_inputs = None
         if run_transfer:
             acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
-            frame_mask = self._frame_mask(acoustic.shape[1], attention_mask)
+            frame_mask = self._frame_mask(acoustic.shape[1], sample_mask)
             transfer_inputs = (acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask)
         transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states)
         if transfer_first:
             kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
         ctc_loss = None
         if labels is not None:
-            ctc_loss = self._ctc_loss(logits, labels, input_values, attention_mask)
+            ctc_loss = self._ctc_loss(logits, labels, input_values, sample_mask)
         if run_transfer and not transfer_first:
             kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
 
@@ -211,7 +271,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             alignments=plans if output_alignments else None,
             **(diagnostics or {}),
             hidden_states=outputs.hidden_states if output_hidden_states else None,
-            attentions=outputs.attentions,
+            attentions=outputs.attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -518,7 +578,16 @@ def padded_size(size: int, smallest: int) -> int:
     return padded
 
 
+def _not_convertible(source: str, model_type) -> str:
+    return (
+        f"{source} is a {model_type!r} model; from_plain_wav2vec2 takes wav2vec 2.0 checkpoints only (model_type "
+        f"'wav2vec2': Wav2Vec2ForCTC, Wav2Vec2ForPreTraining or Wav2Vec2Model). HuBERT, WavLM, data2vec and "
+        "wav2vec2-conformer encoders have other modules and weight names, so none of their weights would load."
+    )
+
+
 # Saving writes `auto_map` and copies this file and its relative imports next to the weights, so that a folder or
 # a Hub repo loads with `trust_remote_code=True` where this package is not installed.
 Wav2Vec2UOTConfig.register_for_auto_class()
+Wav2Vec2UOTModel.register_for_auto_class("AutoModel")
 Wav2Vec2ForCTCWithUOT.register_for_auto_class("AutoModelForCTC")
