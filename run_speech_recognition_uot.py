@@ -17,11 +17,9 @@ and a text column. Audio is decoded with soundfile and resampled with soxr; torc
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,8 +27,6 @@ from typing import Any, Optional
 import datasets
 import evaluate
 import numpy as np
-import soundfile
-import soxr
 import torch
 import yaml
 from transformers import (
@@ -49,14 +45,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+from modeling_uot_ctc.data import SAMPLING_RATE, InvalidExample, decode_audio, normalise_text
 from modeling_uot_ctc.metrics import METRIC_PATHS
-from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher, default_teacher_path
+from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher
 
 logger = hf_logging.get_logger(__name__)
-
-SAMPLING_RATE = 16_000
-# The name recorded for the offline default teacher (loaded from the installed package, see teacher.py).
-DEFAULT_TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -79,7 +72,12 @@ class ModelArguments:
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "An existing CTC tokenizer; default: a character vocabulary built from the data."}
     )
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads are stored."})
+    model_revision: str = field(
+        default="main", metadata={"help": "Branch, tag or commit of the checkpoint and its feature extractor."}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where hub downloads (checkpoint, teacher, tokenizer, dataset) are stored."}
+    )
     freeze_feature_encoder: bool = field(default=True, metadata={"help": "Freeze the convolutional feature encoder."})
     attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
     activation_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the feed-forward layers."})
@@ -94,6 +92,17 @@ class ModelArguments:
     ctc_loss_reduction: str = field(default="mean", metadata={"help": "'mean' or 'sum' reduction of the CTC loss."})
     ctc_zero_infinity: bool = field(default=False, metadata={"help": "Zero infinite CTC losses (impossible labels)."})
     add_adapter: bool = field(default=False, metadata={"help": "Add wav2vec2's convolutional output adapter."})
+    plain_model_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Also save the trained model here as a stock Wav2Vec2ForCTC checkpoint (model_type "
+                  "wav2vec2, no adapter, with the processor and a model card): it loads wherever transformers does, "
+                  "with no custom code and no trust_remote_code."},
+    )
+    plain_hub_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "Push the plain checkpoint of plain_model_dir to this Hub repository (with --hub_token or "
+                  "the stored login; private when --hub_private_repo)."},
+    )
 
 
 @dataclass
@@ -105,12 +114,14 @@ class DataTrainingArguments:
     data_dir: Optional[str] = field(default=None, metadata={"help": "A local `audiofolder` (metadata.csv/jsonl)."})
     train_file: Optional[str] = field(default=None, metadata={"help": "A CSV or JSONL manifest for training."})
     eval_file: Optional[str] = field(default=None, metadata={"help": "A CSV or JSONL manifest for evaluation."})
-    train_split_name: str = field(default="train", metadata={"help": "Training split (`train[:10%]` works)."})
+    train_split_name: str = field(
+        default="train", metadata={"help": "Training split; a slice such as `train[:500]` works."}
+    )
     eval_split_name: str = field(default="test", metadata={"help": "Evaluation split."})
     audio_column_name: str = field(default="audio", metadata={"help": "Column with the audio (or its path)."})
     text_column_name: str = field(default="text", metadata={"help": "Column with the transcript."})
     chars_to_ignore: Optional[list[str]] = field(
-        default=None, metadata={"help": "Characters removed from transcripts, e.g. , ? . ! - ; : \" % '"}
+        default=None, metadata={"help": "Characters removed from transcripts, e.g. , ? . ! - ; : \" '"}
     )
     do_lower_case: bool = field(default=True, metadata={"help": "Lower-case transcripts."})
     eval_metrics: list[str] = field(default_factory=lambda: ["wer", "cer"], metadata={"help": "'wer' and/or 'cer'."})
@@ -135,10 +146,13 @@ class DataTrainingArguments:
     )
     overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of reusing its cache."})
     token: Optional[str] = field(
-        default=None, metadata={"help": "Hub token for private datasets and models (default: the stored login)."}
+        default=None,
+        metadata={"help": "Hub token for private or gated datasets, checkpoints and teachers (default: the stored "
+                  "login)."},
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow hub tokenizers or feature extractors that ship their own code."}
+        default=False,
+        metadata={"help": "Allow hub tokenizers, feature extractors and teachers that ship their own code."},
     )
     phoneme_language: Optional[str] = field(
         default=None, metadata={"help": "Phoneme targets, as upstream; not supported here (an error says so)."}
@@ -151,6 +165,9 @@ class TransferArguments:
 
     teacher_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "BERT-family teacher, e.g. bert-base-uncased; default the offline MiniLM."}
+    )
+    teacher_revision: Optional[str] = field(
+        default=None, metadata={"help": "Branch, tag or commit of a hub teacher (default: its main branch)."}
     )
     teacher_layer: int = field(default=-1, metadata={"help": "Teacher layer whose states are used (-1: last)."})
     teacher_cache_dir: Optional[str] = field(
@@ -213,10 +230,6 @@ def _as_cli_default(value):
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-
-
-class InvalidExample(ValueError):
-    """An example that cannot be used; the message names the file or row."""
 
 
 def load_raw_datasets(
@@ -289,37 +302,6 @@ def load_audiofolder_split(data_dir: str, split: str, data_args: DataTrainingArg
                 dataset = dataset.rename_column("file_name", data_args.audio_column_name)
             return dataset
     raise FileNotFoundError(f"No metadata.csv or metadata.jsonl in {folder} (audiofolder layout: one folder per split).")
-
-
-def decode_audio(value: Any, resample: bool, where: str) -> np.ndarray:
-    """16 kHz mono float32 samples from a path, an undecoded `{path, bytes}` cell or a decoded `{array, ...}` one."""
-    try:
-        if isinstance(value, dict) and value.get("array") is not None:
-            samples, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
-        else:
-            source = value
-            if isinstance(value, dict):
-                source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-            samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
-            samples = samples.mean(axis=1)
-    except (soundfile.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as error:
-        raise InvalidExample(f"{where}: cannot read the audio ({error}).") from error
-    if samples.size == 0:
-        raise InvalidExample(f"{where}: the audio is empty (truncated file?).")
-    if rate != SAMPLING_RATE:
-        if not resample:
-            raise InvalidExample(f"{where}: audio at {rate} Hz, expected {SAMPLING_RATE} Hz (or pass --resample).")
-        samples = soxr.resample(samples, rate, SAMPLING_RATE).astype(np.float32)
-    return samples
-
-
-def normalise_text(text: str, chars_to_ignore: Optional[list[str]], lower: bool) -> str:
-    """Remove ignored characters, optionally lower-case, collapse whitespace."""
-    if chars_to_ignore:
-        text = re.sub("[" + re.escape("".join(chars_to_ignore)) + "]", "", text)
-    if lower:
-        text = text.lower()
-    return " ".join(text.split())
 
 
 def build_tokenizer(raw: datasets.DatasetDict, model_args, data_args, output_dir: str) -> Wav2Vec2CTCTokenizer:
@@ -418,15 +400,22 @@ def _describe_row(row, index, audio_column) -> str:
 
 @dataclass
 class DataCollatorCTCWithTeacher:
-    """Pads audio and labels like the upstream CTC collator and adds the teacher's states of each transcript."""
+    """Pads audio and labels like the upstream CTC collator and adds the teacher's states of each transcript.
+
+    When the feature extractor gives no attention mask (wav2vec2-base and other group-norm encoders, pretrained on
+    unmasked input), the batch carries `input_lengths` instead, so that the model's losses still know where each
+    utterance ends.
+    """
 
     processor: Wav2Vec2Processor
-    teacher_states: Any  # a TeacherStateCache or a TextTeacher (on the fly), or None for plain CTC
+    teacher_states: Any = None  # a TeacherStateCache or a TextTeacher (on the fly), or None: no transfer inputs
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         audio = [{"input_values": f["input_values"]} for f in features]
         labels = [{"input_ids": f["labels"]} for f in features]
         batch = self.processor.feature_extractor.pad(audio, padding=True, return_tensors="pt")
+        if "attention_mask" not in batch:
+            batch["input_lengths"] = torch.tensor([len(f["input_values"]) for f in features])
         label_batch = self.processor.tokenizer.pad(labels, padding=True, return_tensors="pt")
         batch["labels"] = label_batch["input_ids"].masked_fill(label_batch["attention_mask"].ne(1), -100)
         if self.teacher_states is not None:
@@ -446,12 +435,28 @@ class UOTTrainer(Trainer):
         "ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged"
     )
 
-    def __init__(self, *args, model_card_writer=None, **kwargs):
+    def __init__(self, *args, eval_data_collator=None, model_card_writer=None, **kwargs):
         super().__init__(*args, **kwargs)
         # The losses are per-batch means: the Trainer divides them by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._sums = {}
         self._model_card_writer = model_card_writer
+        self.eval_data_collator = eval_data_collator or self.data_collator
+
+    # Evaluation measures the model users will run, a plain CTC model: its batches carry no teacher states, so
+    # neither the teacher nor the solver runs and `eval_loss` is the CTC loss, comparable with a CTC-only run.
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def _with_eval_collator(self, make_loader, dataset):
+        training_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return make_loader(dataset)
+        finally:
+            self.data_collator = training_collator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The optimiser step, for `kt_warmup_steps` (restored with the state when resuming).
@@ -475,10 +480,14 @@ class UOTTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        if logits is not None and inputs.get("attention_mask") is not None:
+        if "attention_mask" in inputs:
+            lengths = inputs["attention_mask"].sum(-1)
+        else:
+            lengths = inputs.get("input_lengths")
+        if logits is not None and lengths is not None:
             unwrapped = self.accelerator.unwrap_model(model)
             first = logits[0] if isinstance(logits, tuple) else logits
-            first = blank_padding_frames(first, inputs["attention_mask"], unwrapped)
+            first = blank_padding_frames(first, lengths, unwrapped)
             logits = (first, *logits[1:]) if isinstance(logits, tuple) else first
         return loss, logits, labels
 
@@ -489,13 +498,14 @@ class UOTTrainer(Trainer):
             super().create_model_card(*args, **kwargs)
 
 
-def blank_padding_frames(logits: torch.Tensor, attention_mask: torch.Tensor, model) -> torch.Tensor:
-    """Make the frames past each utterance's end predict the blank (CTC decoding drops it).
+def blank_padding_frames(logits: torch.Tensor, input_lengths: torch.Tensor, model) -> torch.Tensor:
+    """Make the frames past each utterance's end (`input_lengths` samples) predict the blank, which decoding drops.
 
     In a padded batch those frames can emit characters that the utterance decoded on its own would not have, so a
     batched evaluation would score differently from the pipeline.
     """
-    valid = model._get_feature_vector_attention_mask(logits.shape[1], attention_mask).bool()
+    n_valid = model._get_feat_extract_output_lengths(input_lengths.to(logits.device))
+    valid = torch.arange(logits.shape[1], device=logits.device)[None, :] < n_valid[:, None]
     blank = torch.full_like(logits, torch.finfo(logits.dtype).min)
     blank[..., model.config.pad_token_id] = 0
     return torch.where(valid[:, :, None], logits, blank)
@@ -522,7 +532,9 @@ def argmax_logits(logits, labels):
     return logits.argmax(-1)
 
 
-def build_model(model_args, transfer_args, tokenizer, teacher_hidden_size, teacher_name) -> Wav2Vec2ForCTCWithUOT:
+def build_model(
+    model_args, data_args, transfer_args, tokenizer, teacher_hidden_size, teacher_name
+) -> Wav2Vec2ForCTCWithUOT:
     settings = dict(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -543,10 +555,13 @@ def build_model(model_args, transfer_args, tokenizer, teacher_hidden_size, teach
         teacher_name_or_path=teacher_name,
         teacher_layer=transfer_args.teacher_layer,
         **{f.name: getattr(transfer_args, f.name) for f in dataclasses.fields(TransferArguments)
-           if f.name not in {"teacher_name_or_path", "teacher_layer", "teacher_cache_dir", "teacher_on_the_fly"}},
+           if not f.name.startswith("teacher_")},
     )
     if model_args.model_name_or_path:
-        model = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(model_args.model_name_or_path, **settings)
+        model = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(
+            model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            token=data_args.token, **settings,
+        )
     else:
         model = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(**{**(model_args.model_config or {}), **settings}))
     if model_args.freeze_feature_encoder:
@@ -554,15 +569,19 @@ def build_model(model_args, transfer_args, tokenizer, teacher_hidden_size, teach
     return model
 
 
-def write_model_card(output_dir, model, metrics, data_args, model_args, training_args):
-    """The output folder's README.md: results in model-index form, the UOT settings and the teacher."""
+def write_model_card(output_dir, model, metrics, data_args, model_args, training_args, plain: bool = False):
+    """The README.md of `output_dir`: results in model-index form, the UOT settings and the teacher.
+
+    `plain`: the card of the stock `Wav2Vec2ForCTC` export (`--plain_model_dir`), which loads without custom code.
+    """
     config = model.config
     dataset_name = data_args.dataset_name or data_args.data_dir or data_args.train_file or "custom"
     results = [
         {"type": name, "value": round(float(metrics[f"eval_{name}"]), 4), "name": name.upper()}
         for name in data_args.eval_metrics if f"eval_{name}" in metrics
     ]
-    model_name = os.path.basename(os.path.normpath(training_args.hub_model_id or output_dir))
+    repo_id = (model_args.plain_hub_model_id if plain else training_args.hub_model_id) or output_dir
+    model_name = os.path.basename(os.path.normpath(repo_id))
     front_matter = {
         "library_name": "transformers",
         "pipeline_tag": "automatic-speech-recognition",
@@ -593,7 +612,9 @@ def write_model_card(output_dir, model, metrics, data_args, model_args, training
 
 A wav2vec 2.0 CTC speech recogniser fine-tuned with unbalanced-optimal-transport (UOT) knowledge transfer from the
 language model `{config.teacher_name_or_path}` (layer {config.teacher_layer}) with uot-asr. The teacher and the
-alignment are used in training only: at inference this is a plain CTC model.
+alignment are used in training only: at inference this is a plain CTC model.{
+" This copy is a stock `Wav2Vec2ForCTC` checkpoint, without the training adapter: it needs no custom code."
+if plain else ""}
 
 ## Results on {dataset_name} ({data_args.eval_split_name})
 
@@ -610,7 +631,7 @@ alignment are used in training only: at inference this is a plain CTC model.
 ```python
 from transformers import pipeline
 
-asr = pipeline("automatic-speech-recognition", model="{training_args.hub_model_id or output_dir}", trust_remote_code=True)
+asr = pipeline("automatic-speech-recognition", model="{repo_id}"{"" if plain else ", trust_remote_code=True"})
 print(asr("speech.wav")["text"])
 ```
 """
@@ -648,11 +669,15 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     teacher = None
     teacher_name = transfer_args.teacher_name_or_path or DEFAULT_TEACHER_NAME
     if transfer_args.aligner != "none" and transfer_args.kt_weight > 0:
-        teacher = TextTeacher(transfer_args.teacher_name_or_path or default_teacher_path(), layer=transfer_args.teacher_layer)
+        teacher = TextTeacher(
+            teacher_name, layer=transfer_args.teacher_layer, revision=transfer_args.teacher_revision,
+            cache_dir=model_args.cache_dir, token=data_args.token, trust_remote_code=data_args.trust_remote_code,
+        )
     teacher_width = teacher.hidden_size if teacher is not None else 1
 
-    # 4. Model.
-    model = build_model(model_args, transfer_args, tokenizer, teacher_width, teacher_name)
+    # 4. Model, and how several processes train it.
+    model = build_model(model_args, data_args, transfer_args, tokenizer, teacher_width, teacher_name)
+    configure_unused_parameter_detection(training_args, model.config, transfer_runs=teacher is not None)
 
     # 5. Audio and labels, checked.
     frames_for = lambda n: int(model._get_feat_extract_output_lengths(torch.tensor(n)))  # noqa: E731
@@ -662,14 +687,13 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         logger.info("Preprocessing done; stopping as --preprocessing_only asks.")
         return None
 
-    # 6. Teacher states: cached once on disk (keyed by teacher, layer and transcript), or computed per batch.
+    # 6. Teacher states: cached once on disk (keyed by the teacher's fingerprint and transcript), or per batch.
     teacher_states = None
     if teacher is not None:
         if transfer_args.teacher_on_the_fly:
             teacher_states = teacher
         else:
-            cache_dir = transfer_args.teacher_cache_dir or default_teacher_cache_dir()
-            teacher_states = TeacherStateCache(teacher, cache_dir, key=f"{teacher_name}|layer={transfer_args.teacher_layer}")
+            teacher_states = TeacherStateCache(teacher, transfer_args.teacher_cache_dir)
             with training_args.main_process_first(desc="teacher states"):
                 teacher_states.fill({t for split in processed.values() for t in split["normalised_text"]})
 
@@ -681,6 +705,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         model=model,
         args=training_args,
         data_collator=DataCollatorCTCWithTeacher(processor, teacher_states),
+        eval_data_collator=DataCollatorCTCWithTeacher(processor),
         train_dataset=processed.get("train"),
         eval_dataset=processed.get("eval"),
         processing_class=processor,
@@ -706,13 +731,52 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
 
-    # 8. Model card, and the Hub.
+    # 8. Model card, the plain export, and the Hub.
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         write_model_card(training_args.output_dir, model, results, data_args, model_args, training_args)
+        if model_args.plain_model_dir:
+            export_plain_model(model, processor, results, data_args, model_args, training_args)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return results
+
+
+def configure_unused_parameter_detection(training_args: TrainingArguments, config, transfer_runs: bool) -> None:
+    """Let DDP look for parameters without a gradient when a training step can leave some out.
+
+    The adapter gets none while the transfer waits (`kt_warmup_steps`) or never runs, and layerdrop skips whole
+    layers. The Trainer switches the detection off under activation checkpointing, and DDP then stops at the next
+    step ("Expected to have finished reduction in the prior iteration"). An explicit --ddp_find_unused_parameters
+    is kept.
+    """
+    if training_args.ddp_find_unused_parameters is not None:
+        return
+    if config.layerdrop > 0 or config.kt_warmup_steps > 0 or not transfer_runs:
+        checkpointing = dict(training_args.activation_checkpointing_kwargs or {})
+        if training_args.activation_checkpointing and checkpointing.get("use_reentrant"):
+            raise ValueError(
+                "Reentrant activation checkpointing cannot run under DDP while some parameters go without a gradient "
+                "(layerdrop, kt_warmup_steps or no transfer): drop use_reentrant from activation_checkpointing_kwargs."
+            )
+        training_args.ddp_find_unused_parameters = True
+
+
+def export_plain_model(model, processor, results, data_args, model_args, training_args) -> None:
+    """Write the stock `Wav2Vec2ForCTC` copy of `model` to `--plain_model_dir`, and push it if asked."""
+    folder = model_args.plain_model_dir
+    model.save_plain_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_model_card(folder, model, results, data_args, model_args, training_args, plain=True)
+    if model_args.plain_hub_model_id:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=training_args.hub_token)
+        api.create_repo(model_args.plain_hub_model_id, private=training_args.hub_private_repo, exist_ok=True)
+        api.upload_folder(
+            repo_id=model_args.plain_hub_model_id, folder_path=folder,
+            commit_message="Stock wav2vec2 CTC checkpoint, trained with uot-asr",
+        )
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -736,17 +800,12 @@ def find_checkpoint(training_args: TrainingArguments) -> Optional[str]:
     return checkpoint
 
 
-def default_teacher_cache_dir() -> str:
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache_home, "uot-asr", "teacher_states")
-
-
 def load_feature_extractor(model_args: ModelArguments, data_args: DataTrainingArguments):
     if model_args.model_name_or_path:
         try:
             return AutoFeatureExtractor.from_pretrained(
-                model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=data_args.token,
-                trust_remote_code=data_args.trust_remote_code,
+                model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                token=data_args.token, trust_remote_code=data_args.trust_remote_code,
             )
         except OSError:
             logger.info("The checkpoint has no feature extractor; using wav2vec 2.0's defaults.")

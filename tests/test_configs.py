@@ -60,7 +60,7 @@ def test_realistic_config_builds_with_stand_ins(name, stand_ins, tmp_path):
     if name == "aishell1.yaml":
         assert set(transcript) <= set(tokenizer.get_vocab()) and " " not in transcript  # character units
     teacher = TextTeacher(transfer_args.teacher_name_or_path, layer=transfer_args.teacher_layer)
-    model = script.build_model(model_args, transfer_args, tokenizer, teacher.hidden_size, "stand-in")
+    model = script.build_model(model_args, data_args, transfer_args, tokenizer, teacher.hidden_size, "stand-in")
     assert model.config.teacher_hidden_size == 24 and model.config.rho_frames == transfer_args.rho_frames
     assert model.config.vocab_size == len(tokenizer)
     extractor = script.load_feature_extractor(model_args, data_args)

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -117,17 +116,27 @@ def test_push_to_hub_delivers_a_loadable_model(corpus, teacher, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda *a, **k: pytest.fail("unexpected commit"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any real call fails at once
     argv = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=2, push_to_hub=True,
-                          hub_model_id="someone/tiny-uot", hub_token="not-a-token")
+                          hub_model_id="someone/tiny-uot", hub_token="not-a-token",
+                          plain_model_dir=str(tmp_path / "plain"), plain_hub_model_id="someone/tiny-plain")
     script.main(argv)
     delivered = hub / "someone" / "tiny-uot"
     assert ("create_repo", "someone/tiny-uot") in calls and ("upload_folder", "someone/tiny-uot") in calls
+    assert ("create_repo", "someone/tiny-plain") in calls and ("upload_folder", "someone/tiny-plain") in calls
+    plain = hub / "someone" / "tiny-plain"
+    assert json.loads((plain / "config.json").read_text())["model_type"] == "wav2vec2"
+    assert not list(plain.glob("*.py")) and (plain / "vocab.json").exists()
+    assert "someone/tiny-plain" in (plain / "README.md").read_text()
+    plain_asr = pipeline("automatic-speech-recognition", model=str(plain), device=-1)
+    assert type(plain_asr.model).__name__ == "Wav2Vec2ForCTC"
     for name in ("model.safetensors", "config.json", "vocab.json", "tokenizer_config.json", "README.md",
                  "modeling_wav2vec2_uot.py", "solver.py"):
         assert (delivered / name).exists(), name
     card = yaml.safe_load((delivered / "README.md").read_text().split("---")[1])
     assert {m["type"] for m in card["model-index"][0]["results"][0]["metrics"]} == {"wer", "cer"}
     asr = pipeline("automatic-speech-recognition", model=str(delivered), trust_remote_code=True, device=-1)
-    assert isinstance(asr(speech_like("open the door", np.random.default_rng(1)))["text"], str)
+    audio = speech_like("open the door", np.random.default_rng(1))
+    assert isinstance(asr(audio)["text"], str)
+    assert plain_asr(audio)["text"] == asr(audio)["text"]
 
 
 class StopAt(TrainerCallback):
@@ -157,21 +166,61 @@ def test_resume_ends_where_an_uninterrupted_run_ends(corpus, teacher, tmp_path):
     assert resumed["eval_wer"] == pytest.approx(whole["eval_wer"])
 
 
-def test_accelerate_launch_with_two_cpu_processes(corpus, teacher, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=3)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", str(port),
-               os.path.join(REPO, "run_speech_recognition_uot.py"), *argv]
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    state = json.load(open(tmp_path / "out" / "trainer_state.json"))
-    assert state["global_step"] == 3
-    assert "eval_wer" in json.load(open(tmp_path / "out" / "eval_results.json"))
+def test_help_prints_every_argument():
+    done = subprocess.run([sys.executable, os.path.join(REPO, "run_speech_recognition_uot.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parser = script.HfArgumentParser(
+        (script.ModelArguments, script.DataTrainingArguments, script.TransferArguments, script.TrainingArguments)
+    )
+    names = {action.dest for action in parser._actions if action.dest != "help"}
+    assert len(names) > 150
+    missing = sorted(name for name in names if f"--{name}" not in done.stdout)
+    assert not missing
+
+
+class RecordEvaluationInputs(TrainerCallback):
+    """Notes, for every forward pass of the model, whether it trained and whether it received teacher states."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.register_forward_pre_hook(
+            lambda module, a, kw: self.calls.append((module.training, "teacher_hidden_states" in kw)), with_kwargs=True
+        )
+
+
+def test_evaluation_runs_neither_teacher_nor_transfer(corpus, teacher, tmp_path, monkeypatch):
+    """What evaluation measures is the plain CTC model users run: eval_loss is the CTC loss, and an evaluation
+    batch costs neither the teacher nor the solver."""
+    from modeling_uot_ctc.teacher import TeacherStateCache
+
+    lookups = []
+    original = TeacherStateCache.__call__
+    monkeypatch.setattr(TeacherStateCache, "__call__", lambda self, texts: lookups.append(len(texts)) or original(self, texts))
+    recorder = RecordEvaluationInputs()
+    arguments = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=2, eval_strategy="steps", eval_steps=1)
+    results = script.main(arguments, callbacks=[recorder])
+    training = [with_teacher for is_training, with_teacher in recorder.calls if is_training]
+    evaluation = [with_teacher for is_training, with_teacher in recorder.calls if not is_training]
+    assert training == [True, True] and evaluation and not any(evaluation)
+    assert len(lookups) == 2  # the two training batches, none of the evaluations'
+    plain = script.Wav2Vec2ForCTCWithUOT.from_pretrained(str(tmp_path / "out")).eval()
+    processor = script.Wav2Vec2Processor.from_pretrained(str(tmp_path / "out"))
+    # The eval loss of a CTC model: the mean over evaluation batches of 4 of their CTC loss, recomputed here.
+    rows = datasets.load_dataset("csv", data_files=os.path.join(corpus, "test", "metadata.csv"), split="train")
+    losses = []
+    for start in range(0, len(rows), 4):
+        chunk = rows[start : start + 4]
+        audio = [soundfile.read(os.path.join(corpus, "test", name), dtype="float32")[0] for name in chunk["file_name"]]
+        inputs = processor.feature_extractor(audio, sampling_rate=16_000, padding=True, return_tensors="pt")
+        texts = [script.normalise_text(text, [".", ","], True) for text in chunk["text"]]
+        labels = processor.tokenizer(texts, padding=True, return_tensors="pt")
+        inputs["labels"] = labels.input_ids.masked_fill(labels.attention_mask.ne(1), -100)
+        with torch.no_grad():
+            losses.append(plain(**inputs).loss.item())
+    assert results["eval_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
 
 
 # Bad input: each case stops with a message naming the row or file, or is skipped and counted.
@@ -281,8 +330,8 @@ def test_teacher_cache_is_keyed_by_teacher_layer_and_text(teacher, tmp_path):
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
 
     last, first = TextTeacher(teacher, layer=-1), TextTeacher(teacher, layer=1)
-    cache_last = TeacherStateCache(last, tmp_path, key=f"{teacher}|layer=-1")
-    cache_first = TeacherStateCache(first, tmp_path, key=f"{teacher}|layer=1")
+    cache_last = TeacherStateCache(last, tmp_path)
+    cache_first = TeacherStateCache(first, tmp_path)
     assert cache_last.folder != cache_first.folder
     assert cache_last.fill(SENTENCES[:3]) == 3 and cache_last.fill(SENTENCES[:3]) == 0
     from_cache = cache_last(SENTENCES[:3])
@@ -293,18 +342,35 @@ def test_teacher_cache_is_keyed_by_teacher_layer_and_text(teacher, tmp_path):
     assert not np.allclose(cache_first(SENTENCES[:1]).hidden_states.numpy(), from_cache.hidden_states[:1].numpy())
 
 
+def test_teacher_cache_never_serves_states_of_other_weights_or_truncation(tmp_path):
+    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
+
+    folder = write_teacher(str(tmp_path / "teacher"), seed=0)
+    old = TeacherStateCache(TextTeacher(folder), tmp_path / "cache")
+    stale = old(SENTENCES[:2]).hidden_states
+    write_teacher(folder, seed=1)  # new weights under the same path and name
+    retrained = TextTeacher(folder)
+    new = TeacherStateCache(retrained, tmp_path / "cache")
+    assert new.folder != old.folder
+    torch.testing.assert_close(new(SENTENCES[:2]).hidden_states, retrained(SENTENCES[:2]).hidden_states)
+    assert not torch.allclose(new(SENTENCES[:2]).hidden_states, stale)
+    truncated = TextTeacher(folder, max_length=4)
+    short = TeacherStateCache(truncated, tmp_path / "cache")(SENTENCES[:2])
+    assert short.hidden_states.shape[1] == 2  # 4 tokens, two of them [CLS] and [SEP]
+    assert TeacherStateCache(truncated, tmp_path / "cache").folder not in (new.folder, old.folder)
+
+
 def test_padding_frames_decode_to_nothing():
     from script_fixtures import TINY_MODEL
     from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
 
     model = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(vocab_size=6, pad_token_id=0, **TINY_MODEL))
-    attention_mask = torch.zeros(2, 8000, dtype=torch.long)
-    attention_mask[0], attention_mask[1, :3200] = 1, 1
+    input_lengths = torch.tensor([8000, 3200])
     n_frames = int(model._get_feat_extract_output_lengths(torch.tensor(8000)))
     short = int(model._get_feat_extract_output_lengths(torch.tensor(3200)))
     logits = torch.randn(2, n_frames, 6)
     logits[..., 3] += 10.0  # every frame, padding included, prefers character 3
-    masked = script.blank_padding_frames(logits, attention_mask, model)
+    masked = script.blank_padding_frames(logits, input_lengths, model)
     ids = masked.argmax(-1)
     assert torch.equal(masked[0], logits[0]) and torch.equal(masked[1, :short], logits[1, :short])
     assert (ids[1, short:] == 0).all() and short < n_frames
