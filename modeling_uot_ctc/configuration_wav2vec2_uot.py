@@ -53,7 +53,9 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             adapted frames. `"cosine+transport"`: adds the transport cost `<C, P>` of each example.
         kt_warmup_steps (`int`, *optional*, defaults to 0):
             Optimiser steps of CTC alone before the transfer loss starts. The model learns the step from its
-            `training_step` attribute, which the training script sets (the transfer runs when it is `None`).
+            `training_step` attribute, which the training script sets (the transfer runs when it is `None`). The
+            adapter gets no gradient meanwhile: under DDP, wrap the model with `find_unused_parameters=True` (the
+            training script does).
         kt_adapter (`str`, *optional*, defaults to `"linear"`):
             The adapter from acoustic states to the teacher's width: `"linear"` or `"mlp"` (linear, GELU, linear).
         kt_adapter_hidden_size (`int`, *optional*):
