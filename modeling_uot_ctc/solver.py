@@ -41,8 +41,8 @@ class UOTResult:
 
     Attributes:
         plan (`torch.Tensor` of shape `(B, T, N)`):
-            The transport plan `P`. Zero on padded cells and for examples without a valid frame or token. Detached
-            from the graph in the `"detach"` gradient mode.
+            The transport plan `P`. Zero on padded and forbidden (`cost = inf`) cells and for examples without a
+            valid frame or token. Detached from the graph in the `"detach"` gradient mode.
         value (`torch.Tensor` of shape `(B,)`):
             The full objective of the problem (transport cost, entropic term and marginal penalties, each
             generalised KL with its mass terms) at `plan`. Carries gradients to `cost` in both gradient modes.
@@ -159,8 +159,15 @@ def solve_uot(
     Parameters
     ----------
     cost : tensor of shape `(B, T, N)`
-        Cost between frame `i` and token `j`. Values in padded cells are ignored, even NaN or inf. Half-precision
-        input is solved in float32; float32 and float64 are solved in their own precision.
+        Cost between frame `i` and token `j`. On a valid cell (frame and token both unmasked), `+inf` forbids the
+        pair: the plan is exactly zero there and the rest of the problem is solved as POT solves it, with a kernel
+        entry `exp(-inf) = 0`. A valid frame or token whose every cell is forbidden can carry no mass and is treated
+        as padding: its row or column of the plan and its potential are zero, and `value` is that of the problem
+        without it (a hard side that cannot be met is thus met on the rest). NaN or `-inf` on a valid cell raises a
+        `ValueError`, except in the sync-free iteration on CUDA (including CUDA graph capture), where checking would
+        make the host wait for the device: there that example's outputs become NaN (and it does not converge)
+        instead of silently wrong. Padded cells are ignored whatever they hold, NaN and inf included.
+        Half-precision input is solved in float32; float32 and float64 are solved in their own precision.
     frame_mask, token_mask : bool tensors of shape `(B, T)` and `(B, N)`, optional
         `True` on valid positions. Default: everything valid.
     frame_weights, token_weights : tensors of shape `(B, T)` and `(B, N)`, optional
@@ -392,6 +399,58 @@ class _Problem:
         b = _weights(token_weights, token_mask, "token_weights", dtype)
         # A zero weight on a hard side forces a zero row or column; treating it as padding keeps logs finite.
         frame_mask, token_mask = frame_mask & (a > 0), token_mask & (b > 0)
+
+        # log of the Gibbs kernel without its a_i b_j factor, -C / eps, and -inf on padding and forbidden cells, in
+        # token-major memory (elementwise results inherit their inputs' strides, so the copy comes first). Padded
+        # cells may hold anything, NaN included: nan_to_num and the mask multiplications keep them out of values and
+        # gradients. Without a graph to record, everything happens in one buffer: on machines where fresh pages are
+        # costly, every allocation of this size counts.
+        inplace = not (torch.is_grad_enabled() and cost.requires_grad)
+        if inplace:
+            log_kernel = torch.empty((batch, n_tokens, n_frames), dtype=dtype, device=cost.device)
+            log_kernel.copy_(cost.transpose(1, 2))
+        else:
+            log_kernel = cost.transpose(1, 2).contiguous().to(dtype)
+        # Non-finite values become the dtype's extremes, which survive on valid cells and vanish on padded ones;
+        # finding them there is then part of the spread's `aminmax`, free when the cost is finite (on a CPU,
+        # elementwise tests and masked writes cost many times an arithmetic pass: they are left to the rare other
+        # case). A finite cost at an extreme counts as infinite, as `-C / eps` would in most cases anyway.
+        big = torch.finfo(dtype).max
+        log_kernel = _op(torch.nan_to_num, log_kernel, inplace, nan=-big, posinf=big, neginf=-big)
+        token_f, frame_f = token_mask.to(dtype)[:, :, None], frame_mask.to(dtype)[:, None, :]
+        log_kernel = _op(torch.mul, _op(torch.mul, log_kernel, inplace, token_f), inplace, frame_f)
+        if w_order > 0:
+            penalty = temporal_order_penalty(token_mask, frame_mask, dtype)  # symmetric: this is its transpose
+            log_kernel = _op(torch.add, log_kernel, inplace, penalty, alpha=w_order)
+        low = high = torch.zeros((), dtype=dtype, device=cost.device)
+        if log_kernel.numel():
+            low, high = torch.aminmax(log_kernel.detach())  # padding holds 0 here: the spread can only be overstated
+        # `allowed_t * allowed_f` is 1 where a pair may carry mass and 0 where the exponential's floor leaves tiny
+        # values to be zeroed. The first factor is widened to all cells only when some are forbidden: a fresh buffer
+        # of that size costs more than a second multiplication.
+        self.allowed_t, self.allowed_f = token_f, frame_f
+        # The sync-free iteration on CUDA must not wait to learn whether a cell is extreme: it always looks.
+        host_checks = not (sync_free and cost.device.type == "cuda")
+        extreme = None
+        if not host_checks or float(torch.maximum(high, -low)) >= big:
+            forbidden, invalid = log_kernel.detach() >= big, log_kernel.detach() <= -big
+            if host_checks and bool(invalid.any()):
+                raise ValueError(
+                    "`cost` is NaN or -inf on a valid cell (frame and token both unmasked); only +inf, which forbids "
+                    "the pair, is allowed there."
+                )
+            extreme = forbidden | invalid
+            log_kernel = _masked_fill(log_kernel, extreme, 0.0, inplace)  # the spread is that of the finite cells
+            low, high = torch.aminmax(log_kernel.detach())
+            self.allowed_t = (token_f * frame_f).masked_fill_(forbidden, 0.0)
+            # A frame or token with every cell forbidden can carry no mass. Left out like padding, it keeps logs
+            # finite and, on a hard side, keeps its unreachable mass out of the translation step's balance.
+            frame_mask = frame_mask & (self.allowed_t.amax(1) > 0)
+            token_mask = token_mask & (self.allowed_t.amax(2) > 0)
+        # A 0-d tensor where the host must not wait for the device, else a float.
+        self.cost_spread = high - low if sync_free else float(high - low)
+        self.max_shift = self.cost_spread + self.eps
+
         self.frame_mask, self.token_mask = frame_mask, token_mask
         self.nonempty = frame_mask.any(-1) & token_mask.any(-1)
         self.a, self.b = a * frame_mask, b * token_mask
@@ -400,36 +459,17 @@ class _Problem:
         self.log_b = torch.where(token_mask, self.b.clamp_min(tiny).log(), 0.0)
         self.mass_a, self.mass_b = self.a.sum(-1), self.b.sum(-1)
 
-        # log of the Gibbs kernel without its a_i b_j factor, -C / eps, and -inf on padding, in token-major memory
-        # (elementwise results inherit their inputs' strides, so the copy comes first). Padded cells may hold NaN
-        # or inf: nan_to_num and the mask multiplications keep them out of values and gradients. Without a graph
-        # to record, everything happens in one buffer: on machines where fresh pages are costly, every
-        # allocation of this size counts.
-        inplace = not (torch.is_grad_enabled() and cost.requires_grad)
-        if inplace:
-            log_kernel = torch.empty((batch, n_tokens, n_frames), dtype=dtype, device=cost.device)
-            log_kernel.copy_(cost.transpose(1, 2))
-        else:
-            log_kernel = cost.transpose(1, 2).contiguous().to(dtype)
-        token_f, frame_f = token_mask.to(dtype)[:, :, None], frame_mask.to(dtype)[:, None, :]
-        log_kernel = _op(torch.nan_to_num, log_kernel, inplace, nan=0.0, posinf=0.0, neginf=0.0)
-        log_kernel = _op(torch.mul, _op(torch.mul, log_kernel, inplace, token_f), inplace, frame_f)
-        if w_order > 0:
-            penalty = temporal_order_penalty(token_mask, frame_mask, dtype)  # symmetric: this is its transpose
-            log_kernel = _op(torch.add, log_kernel, inplace, penalty, alpha=w_order)
-        if log_kernel.numel():
-            low, high = torch.aminmax(log_kernel.detach())  # padding holds 0 here: the spread can only be overstated
-            # A 0-d tensor where the host must not wait for the device, else a float.
-            self.cost_spread = high - low if sync_free else float(high - low)
-        else:
-            self.cost_spread = torch.zeros((), dtype=dtype, device=cost.device) if sync_free else 0.0
-        self.max_shift = self.cost_spread + self.eps
         log_frame_mask = torch.zeros_like(self.log_a).masked_fill_(~frame_mask, -INF)
         log_token_mask = torch.zeros_like(self.log_b).masked_fill_(~token_mask, -INF)
         log_kernel = _op(torch.mul, log_kernel, inplace, -1.0 / self.eps)
         log_kernel = _op(torch.add, log_kernel, inplace, log_token_mask[:, :, None])
-        self.log_kernel = _op(torch.add, log_kernel, inplace, log_frame_mask[:, None, :])
-        self.token_mask_f, self.frame_mask_f = token_f, frame_f
+        log_kernel = _op(torch.add, log_kernel, inplace, log_frame_mask[:, None, :])
+        if extreme is not None:
+            log_kernel = _masked_fill(log_kernel, forbidden, -INF, inplace)
+            # Invalid cells get this far unchecked only on CUDA's sync-free path. NaN spreads through their example's
+            # results and no further: a visible failure instead of a wrong plan.
+            log_kernel = _masked_fill(log_kernel, invalid, math.nan, inplace)
+        self.log_kernel = log_kernel
 
     # The exact block updates, in the log domain.
     def frame_update(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,7 +533,7 @@ class _Problem:
         inplace = not (torch.is_grad_enabled() and shifted.requires_grad)
         peak = shifted.detach().amax(2, keepdim=True).clamp_min(-1e30)  # an all-padding token has peak -inf
         plan = _exp(_op(torch.sub, shifted, inplace, peak))
-        plan = _op(torch.mul, _op(torch.mul, plan, inplace, self.token_mask_f), inplace, self.frame_mask_f)
+        plan = _op(torch.mul, _op(torch.mul, plan, inplace, self.allowed_t), inplace, self.allowed_f)
         g, factor = _token_factor(plan, peak[:, :, 0], self.log_b, self.token_mask, self.kappa_tokens, eps)
         plan = _op(torch.mul, plan, inplace, factor[:, :, None])
 
@@ -567,7 +607,7 @@ class _ScalingState:
     """
 
     _BATCHED = (
-        "log_kernel", "log_a", "log_b", "frame_mask", "token_mask", "token_mask_f", "frame_mask_f", "log_mass_b",
+        "log_kernel", "log_a", "log_b", "frame_mask", "token_mask", "allowed_t", "allowed_f", "log_mass_b",
         "kernel_t", "kernel", "f0", "g0", "base_f", "base_g", "offset_f", "offset_g", "log_u", "log_v", "u", "v",
         "shift", "log_col_term",
     )
@@ -596,7 +636,7 @@ class _ScalingState:
 
         self.log_kernel, self.log_a, self.log_b = problem.log_kernel, problem.log_a, problem.log_b
         self.frame_mask, self.token_mask = problem.frame_mask, problem.token_mask
-        self.token_mask_f, self.frame_mask_f = problem.token_mask_f, problem.frame_mask_f
+        self.allowed_t, self.allowed_f = problem.allowed_t, problem.allowed_f
         self.log_mass_b = problem.mass_b.clamp_min(self.tiny).log()
         if index is not None:
             for name in self._INPUTS:
@@ -619,8 +659,9 @@ class _ScalingState:
         self._reset(f0, g0)
 
     def _masked(self, kernel_t):
-        # The exponential's floor leaves tiny values on padded cells: zero them, so that padding carries no mass.
-        return kernel_t.mul_(self.token_mask_f).mul_(self.frame_mask_f)
+        # The exponential's floor leaves tiny values on padded and forbidden cells: zero them, so that they carry
+        # no mass.
+        return kernel_t.mul_(self.allowed_t).mul_(self.allowed_f)
 
     def _reset(self, f0, g0):
         eps, kappa_f, kappa_g = self.eps, self.kappa_f, self.kappa_g
@@ -856,6 +897,11 @@ class _SubProblem(_Problem):
 def _op(fn, x: torch.Tensor, inplace: bool, *args, **kwargs) -> torch.Tensor:
     """`fn(x, *args)`, written into `x` when `inplace`."""
     return fn(x, *args, out=x, **kwargs) if inplace else fn(x, *args, **kwargs)
+
+
+def _masked_fill(x: torch.Tensor, mask: torch.Tensor, value: float, inplace: bool) -> torch.Tensor:
+    """`x.masked_fill(mask, value)`, written into `x` when `inplace`."""
+    return x.masked_fill_(mask, value) if inplace else x.masked_fill(mask, value)
 
 
 class _ValueWithEnvelopeGradient(torch.autograd.Function):

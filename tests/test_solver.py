@@ -5,7 +5,7 @@ import ot
 import pytest
 import torch
 
-from modeling_uot_ctc import fraction_from_rho, rho_from_fraction, solve_uot
+from modeling_uot_ctc import fraction_from_rho, rho_from_fraction, solve_ot, solve_uot
 from reference import order_penalty, pot_plan, uot_objective
 
 INF = math.inf
@@ -19,6 +19,8 @@ ITERATIONS = {
     "sync-free": dict(method="scaling", sync_free=True),
     "log": dict(method="log"),
 }
+# Those, and the unrolled mode.
+MODES = {**ITERATIONS, "unrolled": dict(grad_mode="unrolled")}
 
 
 def padded_batch(sizes, seed, dtype=torch.float64, pad_value=float("nan")):
@@ -150,7 +152,7 @@ def test_fraction_parameterisation():
 
 
 @pytest.mark.parametrize("grad_mode", ["detach", "unrolled"])
-@pytest.mark.parametrize("pad_value", [float("nan"), float("inf"), -7.0, 1e30])
+@pytest.mark.parametrize("pad_value", [float("nan"), float("inf"), float("-inf"), -7.0, 1e30])
 def test_padding_changes_neither_outputs_nor_gradients(grad_mode, pad_value):
     sizes = [(23, 5), (9, 8), (31, 2)]
     clean, frame_mask, token_mask = padded_batch(sizes, 11, pad_value=0.0)
@@ -218,6 +220,119 @@ def test_empty_examples_give_zero_and_no_nan(iteration, grad_mode):
         assert (cost.grad[k] == 0).all()
     assert bool(result.converged.all())
     torch.testing.assert_close(result.plan[0].sum(0), torch.full((5,), 0.2, dtype=torch.float64))
+
+
+# Forbidden pairs: +inf on valid cells.
+
+
+def forbid(cost, sizes, fraction, seed):
+    """`cost` with +inf on about `fraction` of each example's cells, and the mask of those cells.
+
+    Cell `(i, i * n // t)` stays open, so that every frame and every token keeps somewhere to send its mass.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    forbidden = torch.zeros(cost.shape, dtype=torch.bool)
+    for k, (t, n) in enumerate(sizes):
+        block = torch.rand(t, n, generator=gen) < fraction
+        block[torch.arange(t), torch.arange(t) * n // t] = False
+        forbidden[k, :t, :n] = block
+    return cost.masked_fill(forbidden, INF), forbidden
+
+
+def solve(cost, frame_mask, token_mask, rho_frames, rho_tokens, **kwargs):
+    """`solve_ot` when both sides are hard, else `solve_uot`."""
+    if math.isinf(rho_frames) and math.isinf(rho_tokens):
+        return solve_ot(cost, frame_mask, token_mask, **kwargs)
+    return solve_uot(cost, frame_mask, token_mask, rho_frames=rho_frames, rho_tokens=rho_tokens, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rho_frames,rho_tokens", [(1.0, INF), (INF, 1.0), (INF, INF)])
+def test_infinite_cost_forbids_the_pair_as_in_pot(rho_frames, rho_tokens, mode):
+    sizes = [(30, 6), (17, 4), (25, 9)]
+    cost, frame_mask, token_mask = padded_batch(sizes, 31)  # padded with NaN
+    cost, forbidden = forbid(cost, sizes, 0.25, 31)
+    cost.requires_grad_(True)
+    result = solve(
+        cost, frame_mask, token_mask, rho_frames, rho_tokens, eps=0.1, tol=1e-13, max_iter=20_000, **MODES[mode]
+    )
+    result.value.sum().backward()
+    assert bool(result.converged.all())
+    assert (result.plan[forbidden] == 0).all()
+    assert torch.isfinite(cost.grad).all() and (cost.grad[forbidden] == 0).all()
+    for k, (t, n) in enumerate(sizes):
+        c = cost[k, :t, :n].detach().numpy()
+        a, b = np.full(t, 1 / t), np.full(n, 1 / n)
+        expected = pot_plan(c, a, b, 0.1, rho_frames, rho_tokens)  # POT's kernel is exp(-inf) = 0 there
+        np.testing.assert_allclose(result.plan[k, :t, :n].detach().numpy(), expected, rtol=0, atol=1e-9)
+        # The objective with 0 * inf = 0 on the forbidden cells.
+        expected_value = uot_objective(expected, np.where(np.isinf(c), 0.0, c), a, b, 0.1, rho_frames, rho_tokens)
+        assert result.value[k].item() == pytest.approx(expected_value, rel=1e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rho_frames,rho_tokens", [(1.0, INF), (INF, 1.0)])
+def test_frame_and_token_with_every_cell_forbidden_get_nothing_and_the_rest_matches_pot(rho_frames, rho_tokens, mode):
+    sizes = [(20, 5), (9, 3)]
+    cost, frame_mask, token_mask = padded_batch(sizes, 33)
+    cost[0, :, 2] = INF  # token 2 cannot be covered
+    cost[0, 7, :] = INF  # frame 7 can go nowhere
+    cost.requires_grad_(True)
+    kwargs = dict(eps=0.1, rho_frames=rho_frames, rho_tokens=rho_tokens, tol=1e-13, max_iter=20_000)
+    result = solve_uot(cost, frame_mask, token_mask, **kwargs, **MODES[mode])
+    result.value.sum().backward()
+    for tensor in (result.plan, result.value, result.frame_potentials, result.token_potentials, cost.grad):
+        assert torch.isfinite(tensor).all()
+    assert bool(result.converged.all())
+    assert (result.plan[0, :, 2] == 0).all() and (result.plan[0, 7] == 0).all()
+    # The others keep their weights (1/20 and 1/5) and are solved as POT solves the problem without the two.
+    frames, tokens = [i for i in range(20) if i != 7], [0, 1, 3, 4]
+    c = cost[0].detach().numpy()[np.ix_(frames, tokens)]
+    a, b = np.full(19, 1 / 20), np.full(4, 1 / 5)
+    expected = pot_plan(c, a, b, 0.1, rho_frames, rho_tokens)
+    np.testing.assert_allclose(result.plan[0].detach().numpy()[np.ix_(frames, tokens)], expected, atol=1e-9)
+    expected_value = uot_objective(expected, c, a, b, 0.1, rho_frames, rho_tokens)
+    assert result.value[0].item() == pytest.approx(expected_value, rel=1e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_uncoverable_token_in_balanced_ot_gives_no_nan(mode):
+    """Both sides hard and a token with every cell forbidden: no plan meets the marginals, the outputs stay finite."""
+    cost, _, _ = padded_batch([(12, 4), (12, 4)], 35)
+    cost[1, :, 3] = INF
+    cost.requires_grad_(True)
+    result = solve_ot(cost, eps=0.1, tol=1e-10, max_iter=500, **MODES[mode])
+    result.value.sum().backward()
+    for tensor in (result.plan, result.value, result.frame_potentials, result.token_potentials, cost.grad):
+        assert torch.isfinite(tensor).all()
+    assert (result.plan[1, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_with_every_cell_forbidden_is_treated_as_empty(mode):
+    cost = torch.full((2, 6, 3), INF, dtype=torch.float64, requires_grad=True)
+    result = solve_uot(cost, eps=0.1, rho_frames=1.0, tol=1e-12, **MODES[mode])
+    result.value.sum().backward()
+    for tensor in (result.plan, result.value, result.frame_potentials, result.token_potentials, cost.grad):
+        assert torch.isfinite(tensor).all()
+    assert bool(result.converged.all())
+    assert (result.plan == 0).all() and (result.value == 0).all() and (cost.grad == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rho_frames", [1.0, INF])
+@pytest.mark.parametrize("bad", [float("nan"), -INF])
+def test_nan_or_minus_inf_on_a_valid_cell_is_rejected(bad, rho_frames, mode):
+    cost, frame_mask, token_mask = padded_batch([(12, 4), (7, 3)], 32)
+    kwargs = dict(eps=0.1, rho_frames=rho_frames, **MODES[mode])
+    on_padding = cost.clone()
+    on_padding[1, 9, 1] = bad  # frame 9 of the second example is padding: ignored
+    assert torch.isfinite(solve_uot(on_padding, frame_mask, token_mask, **kwargs).plan).all()
+    cost[1, 5, 1] = bad
+    with pytest.raises(ValueError, match="NaN or -inf"):
+        solve_uot(cost, frame_mask, token_mask, **kwargs)
+    with pytest.raises(ValueError, match="NaN or -inf"):
+        solve_uot(torch.full((1, 4, 3), bad), **kwargs)  # no finite cell anywhere
 
 
 # The hard side and the relaxation.
@@ -534,3 +649,16 @@ def test_iterations_that_read_the_host_refuse_to_be_captured(settings):
     with pytest.raises(ValueError, match="CUDA graph"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             solve_uot(cost, frame_mask, token_mask, **settings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bad", [float("nan"), -INF])
+def test_sync_free_iteration_on_cuda_makes_a_bad_cell_nan_for_its_example_only(bad):
+    sizes = [(40, 6), (25, 4)]
+    cost, frame_mask, token_mask = (tensor.cuda() for tensor in padded_batch(sizes, 34, dtype=torch.float32))
+    kwargs = dict(eps=0.1, rho_frames=1.0, tol=1e-6, max_iter=500)
+    clean = solve_uot(cost, frame_mask, token_mask, **kwargs)
+    cost[1, 3, 2] = bad
+    result = solve_uot(cost, frame_mask, token_mask, **kwargs)
+    assert result.plan[1].isnan().all() and result.value[1].isnan() and not result.converged[1]
+    torch.testing.assert_close(result.plan[0], clean.plan[0], rtol=1e-5, atol=1e-8)
