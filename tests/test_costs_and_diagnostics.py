@@ -32,6 +32,63 @@ def test_cosine_cost_gradients_are_finite_for_zero_vectors_and_padding():
     assert (frames.grad[1, 4:] == 0).all() and (tokens.grad[1, 2] == 0).all()
 
 
+def reference_cosine_cost(frames, tokens):
+    """`1 - cos` in float64 by `torch.nn.functional.cosine_similarity`, as an outside reference."""
+    frames, tokens = frames.double(), tokens.double()
+    return 1 - F.cosine_similarity(frames[:, :, None, :], tokens[:, None, :, :], dim=-1)
+
+
+def test_cosine_cost_under_autocast_is_computed_in_float32():
+    gen = torch.Generator().manual_seed(1)
+    frames, tokens = torch.randn(2, 50, 64, generator=gen), torch.randn(2, 12, 64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = cosine_cost(frames, tokens)
+    # With the product in bfloat16 it would be off by up to 5e-3 here.
+    torch.testing.assert_close(cost.double(), reference_cosine_cost(frames, tokens), rtol=0, atol=1e-6)
+    assert cost.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pad_value", [0.0, float("nan"), float("inf")])
+def test_cosine_cost_of_float16_inputs_is_float32_and_zero_on_padding(pad_value):
+    gen = torch.Generator().manual_seed(2)
+    frames, tokens = torch.randn(2, 9, 16, generator=gen).half(), torch.randn(2, 5, 16, generator=gen).half()
+    frame_mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3], dtype=torch.bool)
+    token_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool)
+    frames[1, 6:], tokens[1, 3:] = pad_value, pad_value
+    frames[0, 4] = 0.0  # a valid zero vector: cosine 0, cost 1
+    cost = cosine_cost(frames, tokens, frame_mask, token_mask)
+    assert torch.isfinite(cost).all()
+    cells = frame_mask[:, :, None] & token_mask[:, None, :]
+    assert (cost[~cells] == 0).all()
+    assert (cost[0, 4] == 1).all()
+    # The float32 cost of the same (exactly representable) values.
+    expected = reference_cosine_cost(frames.float(), tokens.float()).nan_to_num(1.0)  # the zero vector's 0 / 0
+    torch.testing.assert_close(cost[cells].double(), expected[cells], rtol=0, atol=1e-6)
+    assert cost.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosine_cost_gradients_reach_half_precision_inputs(dtype):
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.randn(2, 7, 8, generator=gen).to(dtype)
+    tokens = torch.randn(2, 4, 8, generator=gen).to(dtype)
+    frame_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
+    token_mask = torch.tensor([[1] * 4, [1] * 3 + [0]], dtype=torch.bool)
+    frames[1, 5:], tokens[1, 3:] = 0.0, 0.0
+    weights = torch.randn(2, 7, 4, generator=gen)
+    frames.requires_grad_(True)
+    tokens.requires_grad_(True)
+    (cosine_cost(frames, tokens, frame_mask, token_mask) * weights).sum().backward()
+    assert frames.grad.dtype == dtype and tokens.grad.dtype == dtype
+    assert torch.isfinite(frames.grad).all() and torch.isfinite(tokens.grad).all()
+    # The float64 gradient of the reference, rounded to the inputs' precision.
+    wide = [x.detach().double().requires_grad_(True) for x in (frames, tokens)]
+    cells = (frame_mask[:, :, None] & token_mask[:, None, :]).double()
+    (reference_cosine_cost(*wide) * cells * weights).sum().backward()
+    for narrow, reference in zip((frames, tokens), wide):
+        torch.testing.assert_close(narrow.grad.double(), reference.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_cosine_cost_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="adapter"):
         cosine_cost(torch.randn(1, 3, 4), torch.randn(1, 2, 5))

@@ -553,3 +553,181 @@ def test_cuda_graphed_transfer_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     assert not model._transfer_graphs.failed and len(model._transfer_graphs.graphs) == 1
     assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)
+
+
+# What transformers' common model checks expect of a model, and the path from a plain checkpoint and back.
+
+
+def test_output_flags_are_read_from_the_config_and_tuples_keep_the_parents_order():
+    torch.manual_seed(8)
+    config = tiny_config(output_attentions=True, output_hidden_states=True, attn_implementation="eager")
+    model = Wav2Vec2ForCTCWithUOT(config).eval()
+    plain = plain_twin(model)
+    plain.set_attn_implementation("eager")
+    plain.config.output_attentions = plain.config.output_hidden_states = True
+    batch = without_teacher(make_batch())
+    ours, theirs = model(**batch), plain(**batch)
+    assert ours.attentions is not None and len(ours.attentions) == config.num_hidden_layers
+    for a, b in zip(ours.attentions, theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    ours_tuple, theirs_tuple = model(**batch, return_dict=False), plain(**batch, return_dict=False)
+    assert len(ours_tuple) >= len(theirs_tuple) == 4  # loss, logits, hidden states, attentions
+    for a, b in zip(ours_tuple, theirs_tuple):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # An explicit flag still wins over the config, as in the parent.
+    assert model(**batch, output_attentions=False).attentions is None
+
+
+def test_the_bare_encoder_saves_and_loads_through_auto_model(model, tmp_path):
+    from transformers import AutoModel
+
+    from modeling_uot_ctc import Wav2Vec2UOTModel
+
+    model.save_pretrained(tmp_path / "ctc")
+    encoder = AutoModel.from_pretrained(tmp_path / "ctc").eval()
+    assert type(encoder) is Wav2Vec2UOTModel and isinstance(encoder, Wav2Vec2Model)
+    batch = make_batch()
+    expected = model.wav2vec2(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+    got = encoder(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    encoder.save_pretrained(tmp_path / "encoder")
+    again = AutoModel.from_pretrained(tmp_path / "encoder").eval()
+    assert type(again) is Wav2Vec2UOTModel
+    torch.testing.assert_close(again(batch["input_values"]).last_hidden_state, encoder(batch["input_values"]).last_hidden_state)
+
+
+def test_padding_without_an_attention_mask_is_not_taken_for_speech():
+    """wav2vec2-base's feature extractor gives no attention mask: the batch says how long each utterance is with
+    `input_lengths`, the encoder still sees the zero padding (as the parent does), and the losses stop at the end."""
+    torch.manual_seed(9)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(feat_extract_norm="group")).eval()
+    lengths = (2400, 1800, 1200)
+    batch = make_batch(lengths=lengths)
+    mask = batch.pop("attention_mask")
+    batch["input_values"] = batch["input_values"] * mask  # zero padding, as the feature extractor pads
+    out = model(**batch, input_lengths=torch.tensor(lengths), output_alignments=True)
+    torch.testing.assert_close(out.logits, plain_twin(model)(batch["input_values"]).logits, rtol=0, atol=1e-6)
+
+    n_frames = model._get_feat_extract_output_lengths(torch.tensor(lengths))
+    for k, valid in enumerate(n_frames.tolist()):
+        assert (valid < out.alignments.shape[1]) == (k > 0)
+        assert (out.alignments[k, valid:] == 0).all(), k
+        assert out.alignments[k, :valid].sum() == pytest.approx(1.0, abs=1e-5)
+    # The CTC loss of each utterance over its own frames, by torch's own CTC.
+    log_probs = torch.log_softmax(out.logits, -1).transpose(0, 1)
+    labels = batch["labels"]
+    expected = torch.nn.functional.ctc_loss(
+        log_probs, labels.clamp_min(0), n_frames, (labels >= 0).sum(-1), blank=0, reduction="mean"
+    )
+    torch.testing.assert_close(out.ctc_loss, expected, rtol=1e-6, atol=1e-6)
+    # Without the lengths every frame counts, padding included: the plans then give it mass.
+    unaware = model(**batch, output_alignments=True)
+    assert unaware.alignments[2, n_frames[2] :].sum() > 0.05
+
+
+def test_transfer_under_bf16_autocast_solves_the_float32_problem():
+    """The eager transfer must optimise the problem the graphed one does: the cost in float32 whatever the
+    autocast (a bf16 cost moves the kernel's exponent by about 0.08 at eps 0.1)."""
+    gen = torch.Generator().manual_seed(10)
+    frames = torch.randn(2, 40, TEACHER_WIDTH, generator=gen)
+    teacher = torch.randn(2, 6, TEACHER_WIDTH, generator=gen)
+    frame_mask, token_mask = torch.ones(2, 40, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool)
+    frame_mask[1, 30:], token_mask[1, 4:] = False, False
+    settings = dict(eps=0.1, rho_frames=1.0, tol=1e-6, max_iter=2000)
+
+    def terms():
+        return transfer_terms(
+            frames, frame_mask, teacher, token_mask, aligner=solve_uot, solver_settings=settings,
+            kt_loss_type="cosine",
+        )
+
+    plain_loss, plain_plans, _ = terms()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_loss, auto_plans, _ = terms()
+    torch.testing.assert_close(auto_plans, plain_plans, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(auto_loss, plain_loss, rtol=1e-5, atol=1e-6)
+
+
+def other_encoder_configs():
+    from transformers import Data2VecAudioConfig, HubertConfig, Wav2Vec2ConformerConfig, WavLMConfig
+
+    shape = dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, conv_dim=(32, 32, 32),
+        conv_stride=(4, 4, 4), conv_kernel=(8, 8, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        vocab_size=12,
+    )
+    return {cls.model_type: cls(**shape) for cls in (HubertConfig, WavLMConfig, Data2VecAudioConfig,
+                                                     Wav2Vec2ConformerConfig)}
+
+
+@pytest.mark.parametrize("model_type", ["hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"])
+def test_conversion_refuses_other_encoders(model_type, tmp_path):
+    from transformers import AutoModelForCTC as AutoCTC
+
+    other = AutoCTC.from_config(other_encoder_configs()[model_type])
+    with pytest.raises(ValueError, match=f"{model_type!r} model.*wav2vec 2.0 checkpoints only"):
+        Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(other, teacher_hidden_size=TEACHER_WIDTH)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{model_type!r} model.*wav2vec 2.0 checkpoints only"):
+        Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(str(tmp_path), teacher_hidden_size=TEACHER_WIDTH)
+    with pytest.raises(ValueError, match="wav2vec 2.0 checkpoints only"):
+        Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(torch.nn.Linear(2, 2))
+
+
+def publish_in_hub_cache(cache_dir, repo_id, folder, commit, refs):
+    """Lay `folder` out as the hub's download cache holds `repo_id` at `commit`, reachable by the names `refs`: what
+    an offline machine sees after a download, so that loading by hub name runs without a network."""
+    import shutil
+
+    root = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(root, "snapshots", commit))
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(root, "refs", ref), "w") as handle:
+            handle.write(commit)
+
+
+def test_conversion_reads_the_given_hub_cache_revision_and_token(tmp_path, monkeypatch):
+    plain_config = Wav2Vec2Config(**{k: v for k, v in tiny_config().to_dict().items() if k != "model_type"})
+    versions = {}
+    for seed, ref in ((0, "main"), (1, "v2")):
+        torch.manual_seed(seed)
+        versions[ref] = Wav2Vec2Model(plain_config)
+        versions[ref].save_pretrained(tmp_path / ref)
+        publish_in_hub_cache(str(tmp_path / "cache"), "someone/w2v", tmp_path / ref, str(seed) * 40, [ref])
+    seen_tokens = []
+    original = Wav2Vec2Config.get_config_dict.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen_tokens.append(kwargs.get("token"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Wav2Vec2Config, "get_config_dict", classmethod(spy))
+    key = "encoder.layers.0.attention.q_proj.weight"
+    for ref in ("main", "v2"):
+        model = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(
+            "someone/w2v", cache_dir=str(tmp_path / "cache"), revision=None if ref == "main" else ref,
+            token="secret", teacher_hidden_size=TEACHER_WIDTH,
+        )
+        assert torch.equal(model.wav2vec2.state_dict()[key], versions[ref].state_dict()[key]), ref
+    assert not torch.equal(versions["main"].state_dict()[key], versions["v2"].state_dict()[key])
+    assert seen_tokens and all(token == "secret" for token in seen_tokens)
+    with pytest.raises(OSError):  # without the cache folder there is nothing to load offline
+        Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2("someone/w2v", teacher_hidden_size=TEACHER_WIDTH)
+
+
+def test_plain_export_is_a_stock_wav2vec2_for_ctc_with_the_same_logits(tmp_path):
+    torch.manual_seed(11)
+    model = Wav2Vec2ForCTCWithUOT(tiny_config(feat_extract_norm="group")).eval()
+    model.save_plain_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "wav2vec2" and saved["architectures"] == ["Wav2Vec2ForCTC"]
+    assert "auto_map" not in saved and not any(key in saved for key in ("aligner", "rho_frames", "kt_weight"))
+    assert not list(tmp_path.glob("*.py"))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        assert not any(key.startswith("kt_adapter") for key in weights.keys())
+    plain = AutoModelForCTC.from_pretrained(tmp_path).eval()
+    assert type(plain) is Wav2Vec2ForCTC
+    batch = without_teacher(make_batch())
+    torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    torch.testing.assert_close(plain(**batch).loss, model(**batch).loss, rtol=0, atol=0)
