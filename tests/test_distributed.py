@@ -13,25 +13,14 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
 
-from script_fixtures import TINY_MODEL, base_arguments, speech_like, write_corpus, write_teacher
+from script_fixtures import TINY_MODEL, base_arguments, speech_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "distributed_run.py")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return write_teacher(str(tmp_path_factory.mktemp("teacher")))
 
 
 def free_port() -> int:

@@ -16,19 +16,9 @@ import yaml
 from transformers import TrainerCallback, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, pipeline
 
 import run_speech_recognition_uot as script
-from script_fixtures import SENTENCES, base_arguments, speech_like, write_corpus, write_teacher
+from script_fixtures import SENTENCES, base_arguments, speech_like, write_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return write_teacher(str(tmp_path_factory.mktemp("teacher")))
 
 
 @pytest.fixture(scope="module")
