@@ -109,30 +109,39 @@ class TextTeacher(nn.Module):
         self.encoder.requires_grad_(False)
         self.layer = layer
         self.max_length = max_length
-        self._fingerprint: Optional[str] = None
+        self._model_digest: Optional[str] = None
         if device is not None:
             self.to(device)
 
     @property
     def fingerprint(self) -> str:
-        """A digest of everything the states depend on: the weights, the tokenizer, `layer` and `max_length`.
+        """A digest of everything the states depend on: the weights and their dtype, the encoder's configuration,
+        the tokenizer, `layer` and `max_length`.
 
         Names and revisions are not enough to key a cache: local weights change under the same path, and a hub
-        revision can be a moving branch. The weights are hashed once (about a second for bert-base).
+        revision can be a moving branch. The weights are hashed once (about a second for bert-base); the settings,
+        which a user may change on the object, every time.
         """
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            digest.update(json.dumps({"layer": self.layer, "max_length": self.max_length}).encode())
+        if self._model_digest is None:
+            # Where the weights were read from is no part of what they compute.
+            config = {k: v for k, v in self.encoder.config.to_dict().items() if k not in ("_name_or_path",)}
+            digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            vocabulary = backend.to_str() if backend is not None else json.dumps(
-                sorted(self.tokenizer.get_vocab().items())
-            )
-            digest.update(vocabulary.encode("utf-8"))
+            if backend is not None:
+                # The backend records the truncation and padding of its last call: state, not vocabulary.
+                vocabulary = json.loads(backend.to_str())
+                vocabulary.pop("truncation", None)
+                vocabulary.pop("padding", None)
+            else:
+                vocabulary = sorted(self.tokenizer.get_vocab().items())
+            digest.update(json.dumps(vocabulary, sort_keys=True).encode("utf-8"))
             for name, tensor in sorted(self.encoder.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+                digest.update(tensor.detach().float().cpu().contiguous().view(-1).numpy().tobytes())
+            self._model_digest = digest.hexdigest()
+        dtype = next(self.encoder.parameters()).dtype
+        settings = {"layer": self.layer, "max_length": self.max_length, "dtype": str(dtype)}
+        return hashlib.sha256((self._model_digest + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
 
     @property
     def hidden_size(self) -> int:

@@ -116,3 +116,19 @@ def test_teacher_reads_the_given_hub_cache_revision_and_token(tmp_path, monkeypa
     assert TextTeacher("someone/teacher", cache_dir=tmp_path / "cache", revision="v2").fingerprint != \
         TextTeacher("someone/teacher", cache_dir=tmp_path / "cache").fingerprint
     assert seen and all(item == ("secret", True) for item in seen[:4])
+
+
+def test_teacher_fingerprint_follows_what_the_states_depend_on(tiny_teacher):
+    before = tiny_teacher.fingerprint
+    tiny_teacher(SENTENCES)  # a call leaves truncation and padding state in the tokenizer's backend
+    assert tiny_teacher.fingerprint == before
+    twin = TextTeacher(model=tiny_teacher.encoder, tokenizer=tiny_teacher.tokenizer, layer=-1)
+    assert twin.fingerprint == before
+    twin.layer = 1
+    assert twin.fingerprint != before
+    twin.layer, twin.max_length = -1, 8
+    assert twin.fingerprint != before
+    twin.max_length = tiny_teacher.max_length
+    assert twin.fingerprint == before
+    other = TextTeacher(model=BertModel(tiny_teacher.encoder.config), tokenizer=tiny_teacher.tokenizer, layer=-1)
+    assert other.fingerprint != before  # other weights
