@@ -156,11 +156,20 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         return model
 
     def to_plain_wav2vec2(self) -> Wav2Vec2ForCTC:
-        """A stock `Wav2Vec2ForCTC` with this model's weights (all but the adapter): at inference the same model."""
-        plain = Wav2Vec2ForCTC(self.config.to_plain_config())
-        own = {key: value for key, value in self.state_dict().items() if not key.startswith("kt_adapter.")}
-        plain.load_state_dict(own, strict=True)
-        return plain.to(self.device, self.dtype).train(self.training)
+        """A stock `Wav2Vec2ForCTC` with a copy of this model's weights (all but the adapter): at inference the same
+        model."""
+        with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+            plain = Wav2Vec2ForCTC(self.config.to_plain_config())
+        own = {key: value.clone() for key, value in self.state_dict().items() if not key.startswith("kt_adapter.")}
+        plain.load_state_dict(own, strict=True, assign=True)
+        return plain.train(self.training)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        # The saved code serves the bare encoder too: `AutoModel` with `trust_remote_code=True` finds it in
+        # `auto_map`, as `AutoModelForCTC` finds this class (the library adds only the class being saved).
+        encoder = f"{Wav2Vec2UOTModel.__module__.rsplit('.', 1)[-1]}.{Wav2Vec2UOTModel.__name__}"
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": encoder}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def save_plain_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
         """Save this model as a stock `Wav2Vec2ForCTC` checkpoint (`model_type` "wav2vec2", no adapter, no code).
@@ -176,9 +185,9 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         input_values: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        input_lengths: Optional[torch.Tensor] = None,
         teacher_hidden_states: Optional[torch.Tensor] = None,
         teacher_attention_mask: Optional[torch.Tensor] = None,
+        input_lengths: Optional[torch.Tensor] = None,
         output_alignments: bool = False,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
@@ -196,18 +205,18 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             labels (`torch.LongTensor` of shape `(batch_size, label_length)`, *optional*):
                 CTC targets: vocabulary ids, `-100` on padding. The blank is `config.pad_token_id`. Ids must be
                 below `config.vocab_size`.
-            input_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                The number of real samples in each row of `input_values`, for batches padded without an attention
-                mask: the feature extractors of wav2vec2-base and its group-norm relatives return none, because
-                their encoders were pretrained on unmasked input. The encoder still sees the zero padding, as in
-                `Wav2Vec2ForCTC`; the CTC loss and the transfer use these lengths, so that padding is never taken
-                for speech. Ignored when `attention_mask` is given.
             teacher_hidden_states (`torch.FloatTensor` of shape `(batch_size, tokens, teacher_hidden_size)`,
             *optional*):
                 The teacher's states of each transcript's word pieces, special tokens removed (what
                 `modeling_uot_ctc.teacher.TextTeacher` returns). Without them, the model is `Wav2Vec2ForCTC`.
             teacher_attention_mask (`torch.LongTensor` of shape `(batch_size, tokens)`, *optional*):
                 1 on valid teacher tokens. Default: all valid.
+            input_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                The number of real samples in each row of `input_values`, for batches padded without an attention
+                mask: the feature extractors of wav2vec2-base and its group-norm relatives return none, because
+                their encoders were pretrained on unmasked input. The encoder still sees the zero padding, as in
+                `Wav2Vec2ForCTC`; the CTC loss and the transfer use these lengths, so that padding is never taken
+                for speech. Ignored when `attention_mask` is given.
             output_alignments (`bool`, *optional*, defaults to `False`):
                 Return the transport plans in `alignments`.
         """
@@ -239,8 +248,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         # Where each utterance ends, for the losses: the encoder's mask, else one built from the true lengths.
         sample_mask = attention_mask
         if sample_mask is None and input_lengths is not None:
-            positions = torch.arange(input_values.shape[-1], device=input_values.device)
-            sample_mask = (positions[None, :] < input_lengths.to(positions.device)[:, None]).long()
+            sample_mask = self._mask_from_lengths(input_lengths, input_values)
 
         # The CTC loss makes the host wait for all queued device work (it packs its targets and copies its lengths
         # to the device). The eager transfer is queued before it, so that the solver's many small kernels are
@@ -319,6 +327,24 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 reduction=self.config.ctc_loss_reduction,
                 zero_infinity=self.config.ctc_zero_infinity,
             )
+
+    @staticmethod
+    def _mask_from_lengths(input_lengths: torch.Tensor, input_values: torch.Tensor) -> torch.Tensor:
+        batch, n_samples = input_values.shape
+        if input_lengths.shape != (batch,) or input_lengths.is_floating_point():
+            raise ValueError(
+                f"`input_lengths` must hold one integer per example, shape ({batch},), got shape "
+                f"{tuple(input_lengths.shape)} of {input_lengths.dtype}."
+            )
+        # Checked on the CPU only: on a GPU, reading the values back would make the host wait for the encoder.
+        in_range = (input_lengths >= 1) & (input_lengths <= n_samples)
+        if input_lengths.device.type == "cpu" and not bool(in_range.all()):
+            raise ValueError(
+                f"`input_lengths` counts audio samples, from 1 to the padded length {n_samples}; got "
+                f"{input_lengths.tolist()}."
+            )
+        positions = torch.arange(n_samples, device=input_values.device)
+        return (positions[None, :] < input_lengths.to(input_values.device)[:, None]).long()
 
     def _frame_mask(self, n_frames: int, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if attention_mask is None:

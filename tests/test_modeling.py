@@ -239,6 +239,14 @@ def test_bad_inputs_are_rejected(model):
         Wav2Vec2ForCTCWithUOT(tiny_config(aligner="hungarian"))(**batch)
     with pytest.raises(ValueError, match="kt_adapter"):
         tiny_config(kt_adapter="transformer")
+    unmasked = without_teacher(batch)
+    del unmasked["attention_mask"]
+    for lengths in (torch.tensor([2400, 1800]), torch.tensor([[2400], [1800], [1200]]), torch.tensor([2400.0, 1, 1])):
+        with pytest.raises(ValueError, match="one integer per example"):
+            model(**unmasked, input_lengths=lengths)
+    for lengths in (torch.tensor([2401, 1800, 1200]), torch.tensor([2400, 0, 1200])):
+        with pytest.raises(ValueError, match="counts audio samples"):
+            model(**unmasked, input_lengths=lengths)
 
 
 def test_config_fields_and_rho_conventions():
@@ -379,10 +387,13 @@ def test_stock_pipeline_in_a_fresh_process_with_remote_code(tmp_path):
         from transformers import pipeline
         asr = pipeline("automatic-speech-recognition", model={str(tmp_path / "model")!r}, trust_remote_code=True)
         audio = np.load({str(tmp_path / "audio.npy")!r})
+        from transformers import AutoModel
+        encoder = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
         result = dict(
             text=asr(audio)["text"],
             chunked=asr(audio, chunk_length_s=1.0)["text"],
             model_class=type(asr.model).__name__,
+            encoder_class=type(encoder).__name__,
             package_imported="modeling_uot_ctc" in sys.modules,
         )
         print(json.dumps(result))
@@ -396,7 +407,7 @@ def test_stock_pipeline_in_a_fresh_process_with_remote_code(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["model_class"] == "Wav2Vec2ForCTCWithUOT"
+    assert result["model_class"] == "Wav2Vec2ForCTCWithUOT" and result["encoder_class"] == "Wav2Vec2UOTModel"
     assert result["package_imported"] is False
     assert result["text"] == greedy_transcript(model, extractor, tokenizer, audio)
     assert isinstance(result["chunked"], str)
@@ -593,7 +604,9 @@ def test_the_bare_encoder_saves_and_loads_through_auto_model(model, tmp_path):
     encoder.save_pretrained(tmp_path / "encoder")
     again = AutoModel.from_pretrained(tmp_path / "encoder").eval()
     assert type(again) is Wav2Vec2UOTModel
-    torch.testing.assert_close(again(batch["input_values"]).last_hidden_state, encoder(batch["input_values"]).last_hidden_state)
+    torch.testing.assert_close(
+        again(batch["input_values"]).last_hidden_state, encoder(batch["input_values"]).last_hidden_state
+    )
 
 
 def test_padding_without_an_attention_mask_is_not_taken_for_speech():
