@@ -429,7 +429,13 @@ class DataCollatorCTCWithTeacher:
 
 
 class UOTTrainer(Trainer):
-    """The Trainer, logging the CTC loss, the transfer loss and the alignment diagnostics separately."""
+    """The Trainer, logging the CTC loss, the transfer loss and the alignment diagnostics separately.
+
+    Args (beyond the Trainer's):
+        eval_data_collator: the collator of evaluation and prediction batches. Default: the training collator
+            without teacher states, when it is a `DataCollatorCTCWithTeacher`, else the training collator.
+        model_card_writer: called instead of the Trainer's model card, on the main process only.
+    """
 
     LOGGED = (
         "ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged"
@@ -441,6 +447,8 @@ class UOTTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._sums = {}
         self._model_card_writer = model_card_writer
+        if eval_data_collator is None and isinstance(self.data_collator, DataCollatorCTCWithTeacher):
+            eval_data_collator = dataclasses.replace(self.data_collator, teacher_states=None)
         self.eval_data_collator = eval_data_collator or self.data_collator
 
     # Evaluation measures the model users will run, a plain CTC model: its batches carry no teacher states, so
@@ -647,6 +655,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     model_args, data_args, transfer_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     if data_args.phoneme_language:
         raise NotImplementedError("Phoneme targets (--phoneme_language) are not supported: use character targets.")
+    check_plain_export_arguments(model_args, training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
     last_checkpoint = find_checkpoint(training_args)
@@ -677,7 +686,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
     # 4. Model, and how several processes train it.
     model = build_model(model_args, data_args, transfer_args, tokenizer, teacher_width, teacher_name)
-    configure_unused_parameter_detection(training_args, model.config, transfer_runs=teacher is not None)
+    configure_unused_parameter_detection(training_args)
 
     # 5. Audio and labels, checked.
     frames_for = lambda n: int(model._get_feat_extract_output_lengths(torch.tensor(n)))  # noqa: E731
@@ -705,7 +714,6 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         model=model,
         args=training_args,
         data_collator=DataCollatorCTCWithTeacher(processor, teacher_states),
-        eval_data_collator=DataCollatorCTCWithTeacher(processor),
         train_dataset=processed.get("train"),
         eval_dataset=processed.get("eval"),
         processing_class=processor,
@@ -742,24 +750,37 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     return results
 
 
-def configure_unused_parameter_detection(training_args: TrainingArguments, config, transfer_runs: bool) -> None:
-    """Let DDP look for parameters without a gradient when a training step can leave some out.
+def configure_unused_parameter_detection(training_args: TrainingArguments) -> None:
+    """Let DDP look for parameters without a gradient under activation checkpointing, unless the user chose.
 
-    The adapter gets none while the transfer waits (`kt_warmup_steps`) or never runs, and layerdrop skips whole
-    layers. The Trainer switches the detection off under activation checkpointing, and DDP then stops at the next
-    step ("Expected to have finished reduction in the prior iteration"). An explicit --ddp_find_unused_parameters
-    is kept.
+    Some parameters get none in some steps: the adapter while the transfer waits (`kt_warmup_steps`) or never runs,
+    whole layers under layerdrop, SpecAugment's mask embedding when only channels are masked. The Trainer turns the
+    search off under activation checkpointing (it breaks the reentrant kind), and DDP then stops at the next step
+    ("Expected to have finished reduction in the prior iteration"); without checkpointing the Trainer keeps it on.
     """
-    if training_args.ddp_find_unused_parameters is not None:
+    if training_args.ddp_find_unused_parameters is not None or not training_args.activation_checkpointing:
         return
-    if config.layerdrop > 0 or config.kt_warmup_steps > 0 or not transfer_runs:
-        checkpointing = dict(training_args.activation_checkpointing_kwargs or {})
-        if training_args.activation_checkpointing and checkpointing.get("use_reentrant"):
-            raise ValueError(
-                "Reentrant activation checkpointing cannot run under DDP while some parameters go without a gradient "
-                "(layerdrop, kt_warmup_steps or no transfer): drop use_reentrant from activation_checkpointing_kwargs."
-            )
+    reentrant = dict(training_args.activation_checkpointing_kwargs or {}).get("use_reentrant")
+    if reentrant and training_args.world_size > 1:
+        raise ValueError(
+            "Reentrant activation checkpointing cannot run under DDP when some parameters may go without a gradient "
+            "(transfer warm-up, layerdrop, SpecAugment): drop use_reentrant from activation_checkpointing_kwargs, or "
+            "set --ddp_find_unused_parameters false if every parameter gets a gradient in every step."
+        )
+    if not reentrant:
         training_args.ddp_find_unused_parameters = True
+
+
+def check_plain_export_arguments(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Refuse, before any training, a plain export that could not happen or would overwrite the UOT checkpoint."""
+    if model_args.plain_hub_model_id and not model_args.plain_model_dir:
+        raise ValueError("--plain_hub_model_id pushes the folder of --plain_model_dir: give that folder too.")
+    if model_args.plain_model_dir and os.path.abspath(model_args.plain_model_dir) == os.path.abspath(
+        training_args.output_dir
+    ):
+        raise ValueError(
+            "--plain_model_dir must differ from --output_dir: the plain checkpoint would overwrite the UOT one."
+        )
 
 
 def export_plain_model(model, processor, results, data_args, model_args, training_args) -> None:

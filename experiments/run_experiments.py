@@ -38,9 +38,11 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from modeling_uot_ctc.data import SAMPLING_RATE
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the package, from a checkout that is not installed
+
+from modeling_uot_ctc.data import SAMPLING_RATE  # noqa: E402
+
 BASE_CONFIG = "configs/experiments.yaml"
 RUNS_DIR = "outputs/experiments"
 CLEAN_CORPUS = "data/demo_corpus"
@@ -283,7 +285,6 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     import yaml
     from transformers import Wav2Vec2Processor
 
-    sys.path.insert(0, ROOT)
     from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT, cosine_cost
     from modeling_uot_ctc.data import decode_audio, normalise_text
     from modeling_uot_ctc.metrics import METRIC_PATHS

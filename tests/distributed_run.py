@@ -3,8 +3,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_run.py RECORD_DIR <script arguments>
 
 Each rank writes `RECORD_DIR/rank<k>.json`: the world size it saw, the label rows of every training forward pass,
-whether the transfer ran in it, the dtype of the CTC head's output, whether activation checkpointing was on, and a digest of its weights before and
-after training. The tests read these to prove that two ranks trained together rather than one alone.
+whether the transfer ran in it, the dtype of the CTC head's output, whether activation checkpointing was on, and a
+digest of its weights before and after training. The tests read these to prove that two ranks trained together rather than one alone.
 """
 
 import hashlib

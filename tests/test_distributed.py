@@ -80,8 +80,8 @@ def write_base_like_checkpoint(folder) -> str:
 
 def test_librispeech_recipe_rehearsal_on_two_processes_then_a_plain_checkpoint(corpus, teacher, tmp_path):
     """The path of a real user, small: a wav2vec2-base-shaped checkpoint, the LibriSpeech recipe's settings (bf16
-    autocast, emulated where the CPU lacks it; activation checkpointing, transfer warm-up, layerdrop, gradient accumulation), two real
-    processes, then the stock pipeline on the exported plain checkpoint in a process that knows only transformers."""
+    autocast, emulated where the CPU lacks it; activation checkpointing, transfer warm-up, layerdrop, gradient
+    accumulation), two real processes, then the stock pipeline on the exported plain checkpoint in a process that knows only transformers."""
     checkpoint = write_base_like_checkpoint(tmp_path / "wav2vec2-base-like")
     with open(os.path.join(REPO, "configs", "librispeech_clean100.yaml")) as handle:
         recipe = yaml.safe_load(handle)

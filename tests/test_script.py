@@ -188,9 +188,14 @@ def test_evaluation_runs_neither_teacher_nor_transfer(corpus, teacher, tmp_path,
 
     lookups = []
     original = TeacherStateCache.__call__
-    monkeypatch.setattr(TeacherStateCache, "__call__", lambda self, texts: lookups.append(len(texts)) or original(self, texts))
+    monkeypatch.setattr(
+        TeacherStateCache, "__call__", lambda self, texts: lookups.append(len(texts)) or original(self, texts)
+    )
     recorder = RecordEvaluationInputs()
-    arguments = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=2, eval_strategy="steps", eval_steps=1)
+    arguments = base_arguments(
+        corpus, teacher, str(tmp_path / "out"), max_steps=2, eval_strategy="steps", eval_steps=1,
+        per_device_eval_batch_size=2,  # two evaluation batches
+    )
     results = script.main(arguments, callbacks=[recorder])
     training = [with_teacher for is_training, with_teacher in recorder.calls if is_training]
     evaluation = [with_teacher for is_training, with_teacher in recorder.calls if not is_training]
@@ -198,11 +203,11 @@ def test_evaluation_runs_neither_teacher_nor_transfer(corpus, teacher, tmp_path,
     assert len(lookups) == 2  # the two training batches, none of the evaluations'
     plain = script.Wav2Vec2ForCTCWithUOT.from_pretrained(str(tmp_path / "out")).eval()
     processor = script.Wav2Vec2Processor.from_pretrained(str(tmp_path / "out"))
-    # The eval loss of a CTC model: the mean over evaluation batches of 4 of their CTC loss, recomputed here.
+    # The eval loss of a CTC model: the mean over evaluation batches of 2 of their CTC loss, recomputed here.
     rows = datasets.load_dataset("csv", data_files=os.path.join(corpus, "test", "metadata.csv"), split="train")
     losses = []
-    for start in range(0, len(rows), 4):
-        chunk = rows[start : start + 4]
+    for start in range(0, len(rows), 2):
+        chunk = rows[start : start + 2]
         audio = [soundfile.read(os.path.join(corpus, "test", name), dtype="float32")[0] for name in chunk["file_name"]]
         inputs = processor.feature_extractor(audio, sampling_rate=16_000, padding=True, return_tensors="pt")
         texts = [script.normalise_text(text, [".", ","], True) for text in chunk["text"]]
@@ -382,3 +387,130 @@ def test_same_seed_same_initial_acoustic_model_with_or_without_transfer(corpus, 
         weights = snapshots[aligner].weights
         assert weights.keys() == reference.keys()
         assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+# Several processes, the plain export and the hub settings: the script's own decisions.
+
+
+def test_unused_parameter_detection_under_activation_checkpointing():
+    def decided(**settings):
+        args = script.TrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **settings)
+        script.configure_unused_parameter_detection(args)
+        return args.ddp_find_unused_parameters
+
+    # The Trainer decides without checkpointing (it then looks); with it, the script makes DDP look.
+    assert decided() is None
+    assert decided(activation_checkpointing=True) is True
+    assert decided(activation_checkpointing=True, ddp_find_unused_parameters=False) is False
+    # Reentrant checkpointing cannot look; alone it is allowed, on several processes it is refused.
+    reentrant = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    assert decided(**reentrant) is None
+    args = script.TrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **reentrant)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(args), "world_size", property(lambda self: 2))
+        with pytest.raises(ValueError, match="use_reentrant"):
+            script.configure_unused_parameter_detection(args)
+
+
+def test_plain_export_arguments_are_checked_before_training(corpus, teacher, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="--plain_model_dir"):
+        script.main(base_arguments(corpus, teacher, out, plain_hub_model_id="someone/x"))
+    with pytest.raises(ValueError, match="must differ from --output_dir"):
+        script.main(base_arguments(corpus, teacher, out, plain_model_dir=out))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_prediction_blanks_padding_by_lengths_or_mask_and_carries_no_teacher(corpus, teacher, tmp_path):
+    from script_fixtures import TINY_MODEL
+
+    from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
+
+    tokenizer = build_char_tokenizer(folder=str(tmp_path))
+    torch.manual_seed(0)
+    model = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(
+        vocab_size=len(tokenizer), pad_token_id=0, teacher_hidden_size=24, **TINY_MODEL
+    )).eval()
+    with torch.no_grad():
+        model.lm_head.bias[5] = 50.0  # every frame, padding included, prefers character 5
+    args = script.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = script.UOTTrainer(model=model, args=args)
+    lengths = torch.tensor([4000, 2400])
+    n_valid = model._get_feat_extract_output_lengths(lengths)
+    values = torch.randn(2, 4000) * (torch.arange(4000)[None, :] < lengths[:, None])
+    labels = torch.tensor([[5, 6], [5, -100]])
+    for inputs in (
+        {"input_values": values, "input_lengths": lengths, "labels": labels},
+        {"input_values": values, "attention_mask": (values != 0).long(), "labels": labels},
+    ):
+        _, logits, _ = trainer.prediction_step(model, inputs, prediction_loss_only=False)
+        ids = logits.argmax(-1)
+        assert (ids[1, n_valid[1] :] == 0).all() and (ids[1, : n_valid[1]] == 5).all() and (ids[0] == 5).all()
+
+    # Training batches carry the teacher's states; evaluation and prediction batches do not.
+    from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
+
+    extractor = Wav2Vec2FeatureExtractor(return_attention_mask=False)
+    processor = script.Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    rows = [{"input_values": np.ones(n, np.float32), "labels": [5, 6], "normalised_text": SENTENCES[k],
+             "input_length": n} for k, n in enumerate((1600, 2400, 2000))]
+    dataset = datasets.Dataset.from_list(rows)
+    states = TeacherStateCache(TextTeacher(teacher), tmp_path / "cache")
+    args = script.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                    remove_unused_columns=False, per_device_train_batch_size=3,
+                                    per_device_eval_batch_size=3)
+    trainer = script.UOTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                                data_collator=script.DataCollatorCTCWithTeacher(processor, states))
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    assert "teacher_hidden_states" in train_batch and "input_lengths" in train_batch
+    for loader in (trainer.get_eval_dataloader(), trainer.get_test_dataloader(dataset)):
+        batch = next(iter(loader))
+        assert "teacher_hidden_states" not in batch and batch["input_lengths"].tolist() == [1600, 2400, 2000]
+
+
+def test_hub_settings_reach_the_checkpoint_and_the_teacher(corpus, tmp_path, monkeypatch):
+    """--cache_dir, --model_revision, --teacher_revision and --token reach every loader, offline from a hub cache."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from script_fixtures import TINY_MODEL
+    from test_modeling import publish_in_hub_cache
+
+    cache = str(tmp_path / "cache")
+    encoders = {}
+    for seed, ref in ((0, "main"), (1, "v2")):
+        torch.manual_seed(seed)
+        encoders[ref] = Wav2Vec2Model(Wav2Vec2Config(**TINY_MODEL))
+        encoders[ref].save_pretrained(tmp_path / "w2v" / ref)
+        Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(tmp_path / "w2v" / ref)
+        publish_in_hub_cache(cache, "someone/w2v", tmp_path / "w2v" / ref, str(seed) * 40, [ref])
+        write_teacher(str(tmp_path / "teacher" / ref), seed=seed)
+        publish_in_hub_cache(cache, "someone/teacher", tmp_path / "teacher" / ref, str(seed) * 40, [ref])
+    seen = []
+    for name in ("from_plain_wav2vec2",):
+        original = getattr(script.Wav2Vec2ForCTCWithUOT, name)
+        monkeypatch.setattr(script.Wav2Vec2ForCTCWithUOT, name,
+                            lambda *a, _o=original, **k: seen.append(("model", k.get("token"))) or _o(*a, **k))
+    teacher_class = script.TextTeacher
+    monkeypatch.setattr(script, "TextTeacher",
+                        lambda *a, **k: seen.append(("teacher", k.get("token"))) or teacher_class(*a, **k))
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {k: v.clone() for k, v in model.wav2vec2.state_dict().items()}
+
+    snapshot = Snapshot()
+    argv = base_arguments(corpus, "someone/teacher", str(tmp_path / "out"), max_steps=1, model_config=None,
+                          model_name_or_path="someone/w2v", model_revision="v2", teacher_revision="v2",
+                          cache_dir=cache, token="secret", teacher_cache_dir=str(tmp_path / "states"))
+    script.main([a for a in argv if a != "--do_eval"], callbacks=[snapshot])
+    expected = encoders["v2"].state_dict()
+    assert len(snapshot.weights) > 30 and set(snapshot.weights) <= set(expected)  # masked_spec_embed: not used here
+    for key, value in snapshot.weights.items():
+        assert torch.equal(value, expected[key]), key
+    key = "encoder.layers.0.attention.q_proj.weight"
+    assert not torch.equal(encoders["main"].state_dict()[key], expected[key])  # the revisions differ
+    (folder,) = [f for f in (tmp_path / "states").iterdir()]
+    described = json.loads((folder / "teacher.json").read_text())
+    assert described["revision"] == "v2"
+    assert described["fingerprint"] == script.TextTeacher(str(tmp_path / "teacher" / "v2")).fingerprint
+    assert ("model", "secret") in seen and ("teacher", "secret") in seen
