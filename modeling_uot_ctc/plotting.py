@@ -16,6 +16,7 @@ def plot_alignment(
     frame_rate: Optional[float] = None,
     title: Optional[str] = None,
     dpi: int = 100,
+    word_timings: Optional[Sequence[tuple[str, float, float]]] = None,
 ):
     """Write a frames x tokens heat map of one plan to a PNG file and return the matplotlib figure.
 
@@ -26,6 +27,9 @@ def plot_alignment(
         frame_rate: frames per second; when given, the frame axis is labelled in seconds.
         title: optional title.
         dpi: resolution of the file.
+        word_timings: the spoken words as `(word, start_s, end_s)`, e.g. a corpus's timings; drawn as dashed
+            boundaries with each word written above its span, so that a reader sees whether each token's mass
+            falls within its word. Needs `frame_rate`.
 
     Each plan entry is one cell of the image (`figure.axes[0].images[0]` holds the `(N, T)` array); the colour is
     the mass divided by the token's total, so each token row reads as a distribution over frames.
@@ -41,6 +45,8 @@ def plot_alignment(
     n_frames, n_tokens = plan.shape
     if tokens is not None and len(tokens) != n_tokens:
         raise ValueError(f"{len(tokens)} token strings for a plan with {n_tokens} tokens.")
+    if word_timings is not None and not frame_rate:
+        raise ValueError("`word_timings` are in seconds: give `frame_rate` too.")
     per_token = plan.T / np.maximum(plan.sum(0)[:, None], 1e-30)
 
     width = min(40.0, 2.0 + 0.04 * n_frames)
@@ -54,6 +60,14 @@ def plot_alignment(
     axes.set_yticklabels(list(tokens) if tokens is not None else [str(j) for j in range(n_tokens)])
     axes.set_xlabel("time (s)" if frame_rate else "frame")
     axes.set_ylabel("token")
+    if word_timings:
+        for _, start, end in word_timings:
+            for edge in (start, end):
+                axes.axvline(edge, color="white", linestyle="--", linewidth=0.8, alpha=0.7)
+        words = axes.secondary_xaxis("top")
+        words.set_xticks([(start + end) / 2 for _, start, end in word_timings])
+        words.set_xticklabels([word for word, _, _ in word_timings], rotation=45, ha="left")
+        words.set_xlabel("spoken words")
     if title:
         axes.set_title(title)
     figure.tight_layout()

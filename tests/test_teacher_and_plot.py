@@ -85,6 +85,21 @@ def test_plan_picture_is_a_png_of_the_plan(tmp_path):
         plot_alignment(plan, tmp_path / "bad.png", tokens=tokens[:3])
 
 
+def test_plan_picture_marks_the_word_timings(tmp_path):
+    plan = torch.from_numpy(np.random.default_rng(1).random((100, 3)))
+    words = [("clean", 0.1, 0.6), ("air", 0.6, 1.2), ("now", 1.3, 1.9)]
+    figure = plot_alignment(plan, tmp_path / "plan.png", tokens=["clean", "air", "now"], frame_rate=50,
+                            word_timings=words)
+    axes = figure.axes[0]
+    boundaries = sorted({line.get_xdata()[0] for line in axes.get_lines()})
+    assert boundaries == [0.1, 0.6, 1.2, 1.3, 1.9]
+    (top,) = axes.child_axes
+    assert [t.get_text() for t in top.get_xticklabels()] == ["clean", "air", "now"]
+    np.testing.assert_allclose(top.get_xticks(), [0.35, 0.9, 1.6])
+    with pytest.raises(ValueError, match="frame_rate"):
+        plot_alignment(plan, tmp_path / "bad.png", word_timings=words)
+
+
 def test_teacher_reads_the_given_hub_cache_revision_and_token(tmp_path, monkeypatch):
     import modeling_uot_ctc.teacher as teacher_module
     from script_fixtures import write_teacher
