@@ -50,7 +50,7 @@ def plot_alignment(
     per_token = plan.T / np.maximum(plan.sum(0)[:, None], 1e-30)
 
     width = min(40.0, 2.0 + 0.04 * n_frames)
-    height = min(30.0, 1.5 + 0.25 * n_tokens)
+    height = min(30.0, 1.5 + 0.25 * n_tokens + (1.0 if word_timings else 0.0))
     figure, axes = plt.subplots(figsize=(width, height))
     extent = None
     if frame_rate:
@@ -64,12 +64,13 @@ def plot_alignment(
         for _, start, end in word_timings:
             for edge in (start, end):
                 axes.axvline(edge, color="white", linestyle="--", linewidth=0.8, alpha=0.7)
+        axes.set_xlim(extent[0], extent[1])  # the lines must not widen the picture beyond the frames
         words = axes.secondary_xaxis("top")
         words.set_xticks([(start + end) / 2 for _, start, end in word_timings])
         words.set_xticklabels([word for word, _, _ in word_timings], rotation=45, ha="left")
-        words.set_xlabel("spoken words")
+        words.tick_params(axis="x", labelsize=8)
     if title:
-        axes.set_title(title)
+        axes.set_title(title, pad=45 if word_timings else 6)  # above the word labels
     figure.tight_layout()
     figure.savefig(os.fspath(path), dpi=dpi)
     plt.close(figure)
