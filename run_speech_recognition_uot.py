@@ -467,8 +467,9 @@ class UOTTrainer(Trainer):
             self.data_collator = training_collator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The optimiser step, for `kt_warmup_steps` (restored with the state when resuming).
-        self.accelerator.unwrap_model(model).training_step = self.state.global_step
+        # The transfer's schedule at this optimiser step (restored with the state when resuming).
+        scale = self.accelerator.unwrap_model(model).transfer_scale(self.state.global_step)
+        inputs = {**inputs, "transfer_scale": scale}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if model.training:
             for name in self.LOGGED:

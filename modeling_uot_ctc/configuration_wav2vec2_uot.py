@@ -8,6 +8,8 @@ from typing import Optional
 
 from transformers import Wav2Vec2Config
 
+from .solver import rho_from_fraction
+
 ALIGNER_CHOICES = ("uot", "ot", "none")
 KT_LOSS_CHOICES = ("cosine", "cosine+transport")
 ADAPTER_CHOICES = ("linear", "mlp")
@@ -52,10 +54,11 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             `"cosine"`: mean over tokens of `1 - cos(xhat_j, z_j)`, with `xhat_j` the plan-weighted mean of the
             adapted frames. `"cosine+transport"`: adds the transport cost `<C, P>` of each example.
         kt_warmup_steps (`int`, *optional*, defaults to 0):
-            Optimiser steps of CTC alone before the transfer loss starts. The model learns the step from its
-            `training_step` attribute, which the training script sets (the transfer runs when it is `None`). The
-            adapter gets no gradient meanwhile: under DDP, wrap the model with `find_unused_parameters=True` (the
-            training script does).
+            Optimiser steps of CTC alone before the transfer loss starts. A schedule for whoever runs the training
+            loop: `model.transfer_scale(step)` turns it into the `transfer_scale` argument of `forward` (the training
+            script's Trainer passes it at every step); the model keeps no step of its own. The adapter gets no
+            gradient meanwhile: under DDP, wrap the model with `find_unused_parameters=True` (the training script
+            does).
         kt_adapter (`str`, *optional*, defaults to `"linear"`):
             The adapter from acoustic states to the teacher's width: `"linear"` or `"mlp"` (linear, GELU, linear).
         kt_adapter_hidden_size (`int`, *optional*):
@@ -138,9 +141,7 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         if matching_fraction is not None:
             if not 0.0 < matching_fraction <= 1.0:
                 raise ValueError(f"`matching_fraction` must lie in (0, 1], got {matching_fraction!r}.")
-            rho_frames = math.inf if matching_fraction == 1.0 else alignment_eps * matching_fraction / (
-                1.0 - matching_fraction
-            )
+            rho_frames = rho_from_fraction(matching_fraction, alignment_eps)
         rho_frames, rho_tokens = _hard_as_none(rho_frames, "rho_frames"), _hard_as_none(rho_tokens, "rho_tokens")
         for name, value, choices in (
             ("kt_loss_type", kt_loss_type, KT_LOSS_CHOICES),

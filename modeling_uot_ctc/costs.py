@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .solver import _autocast_disabled
+from ._solver_numerics import _autocast_disabled
 
 
 def cosine_cost(
@@ -64,3 +64,20 @@ def cosine_cost(
         if token_mask is not None:
             cost = cost * token_mask[:, None, :].to(dtype)
     return cost
+
+
+def temporal_order_penalty(
+    frame_mask: torch.Tensor, token_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Squared distance to the diagonal in normalised time, `((i + 0.5) / T - (j + 0.5) / N) ** 2`, shape `(B, T, N)`.
+
+    `i` and `j` count valid positions only (a frame after a masked hole keeps its rank among the valid frames) and
+    `T`, `N` are each example's numbers of valid frames and tokens. Zero wherever either side is masked. Computed
+    in `dtype`.
+    """
+    frame_rank = frame_mask.cumsum(-1).to(dtype) - 0.5
+    token_rank = token_mask.cumsum(-1).to(dtype) - 0.5
+    frame_time = frame_rank / frame_mask.sum(-1, keepdim=True).clamp_min(1)
+    token_time = token_rank / token_mask.sum(-1, keepdim=True).clamp_min(1)
+    penalty = (frame_time[:, :, None] - token_time[:, None, :]) ** 2
+    return penalty * (frame_mask[:, :, None] & token_mask[:, None, :]).to(dtype)

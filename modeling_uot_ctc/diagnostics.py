@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._solver_numerics import uniform_weights
+
 
 @dataclass
 class AlignmentDiagnostics:
@@ -115,6 +117,7 @@ def alignment_diagnostics(
 
 
 def _weights(weights, mask):
+    # Unchecked, unlike the solver's: reading values back here would make the host wait for the device.
     if weights is None:
-        return mask.float() / mask.sum(-1, keepdim=True).clamp_min(1).float()
+        return uniform_weights(mask, torch.float32)
     return torch.where(mask, weights.float(), 0.0)

@@ -6,7 +6,6 @@ module and it is not used without teacher states.
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
 from .costs import cosine_cost
+from .cuda_graphs import TransferGraphs
 from .diagnostics import alignment_diagnostics
 from .solver import ALIGNERS
 
@@ -98,10 +98,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             self.kt_adapter = nn.Sequential(
                 nn.Linear(acoustic_size, inner), nn.GELU(), nn.Linear(inner, config.teacher_hidden_size)
             )
-        # Set by the training script at each optimiser step; the transfer waits for `config.kt_warmup_steps`.
-        self.training_step: Optional[int] = None
         # Built at the first graphed step (`config.kt_cuda_graphs`); holds device state, not weights.
-        self._transfer_graphs: Optional[_TransferGraphs] = None
+        self._transfer_graphs: Optional[TransferGraphs] = None
         self.post_init()
 
     @classmethod
@@ -188,6 +186,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         teacher_hidden_states: Optional[torch.Tensor] = None,
         teacher_attention_mask: Optional[torch.Tensor] = None,
         input_lengths: Optional[torch.Tensor] = None,
+        transfer_scale: Optional[float] = None,
         output_alignments: bool = False,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
@@ -217,6 +216,9 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 their encoders were pretrained on unmasked input. The encoder still sees the zero padding, as in
                 `Wav2Vec2ForCTC`; the CTC loss and the transfer use these lengths, so that padding is never taken
                 for speech. Ignored when `attention_mask` is given.
+            transfer_scale (`float`, *optional*, defaults to 1):
+                A factor on the transfer loss for this step, for schedules: `self.transfer_scale(step)` gives the
+                warm-up of `config.kt_warmup_steps`. At 0 the transfer does not run (plain CTC).
             output_alignments (`bool`, *optional*, defaults to `False`):
                 Return the transport plans in `alignments`.
         """
@@ -231,7 +233,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 f"Label ids must be below vocab_size={self.config.vocab_size}, got {int(labels.max())}: the labels "
                 "and the model's vocabulary disagree (rebuild the tokenizer or set `vocab_size=len(tokenizer)`)."
             )
-        run_transfer = self._transfer_enabled(teacher_hidden_states)
+        transfer_scale = 1.0 if transfer_scale is None else float(transfer_scale)
+        run_transfer = transfer_scale > 0 and self._transfer_enabled(teacher_hidden_states)
         tap_layer = self.config.kt_encoder_layer
         need_hidden = bool(output_hidden_states) or (run_transfer and tap_layer != -1)
 
@@ -270,7 +273,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
 
         loss = None
         if ctc_loss is not None:
-            loss = ctc_loss if kt_loss is None else ctc_loss + self.config.kt_weight * kt_loss
+            loss = ctc_loss if kt_loss is None else ctc_loss + transfer_scale * self.config.kt_weight * kt_loss
         output = Wav2Vec2UOTOutput(
             loss=loss,
             logits=logits,
@@ -303,8 +306,12 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 "hidden state, so the tapped layer would shift from step to step. Set layerdrop=0 or tap the last "
                 "layer (kt_encoder_layer=-1)."
             )
-        warming_up = self.training_step is not None and self.training_step < config.kt_warmup_steps
-        return not warming_up
+        return True
+
+    def transfer_scale(self, step: Optional[int]) -> float:
+        """The `transfer_scale` of `forward` at optimiser step `step` (counted from 0): 0 during the warm-up of
+        `config.kt_warmup_steps`, 1 from then on, and 1 when `step` is None."""
+        return 1.0 if step is None or step >= self.config.kt_warmup_steps else 0.0
 
     def _ctc_loss(self, logits, labels, input_values, attention_mask):
         # Wav2Vec2ForCTC's own formula, written out: transformers releases route the parent's loss differently
@@ -379,7 +386,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 solver_settings={**config.solver_settings, "max_iter": config.alignment_graph_iterations},
             )
             if self._transfer_graphs is None or self._transfer_graphs.terms.keywords != terms.keywords:
-                self._transfer_graphs = _TransferGraphs(terms)  # new settings: the old graphs no longer apply
+                self._transfer_graphs = TransferGraphs(terms)  # new settings: the old graphs no longer apply
             graphed = self._transfer_graphs(frames, frame_mask, teacher_states, token_mask)
         if graphed is not None:
             kt_loss, plans, stats = graphed
@@ -459,149 +466,6 @@ def transfer_terms(
         (result.converged * has_tokens).sum() / has_tokens.sum(),
     ])
     return kt_loss, plans, stats
-
-
-class _TransferGraphs:
-    """`transfer_terms` replayed from captured CUDA graphs, forward and backward, one pair per padded shape.
-
-    Why by hand: `torch.compile` would recompile for every new length, and `torch.cuda.make_graphed_callables`
-    captures in the global mode, which a DataLoader's pin-memory thread can spoil mid-epoch, and hands back its
-    gradients in buffers that the next replay overwrites (pytorch/pytorch#181723). Here inputs are padded to a few
-    shapes, each shape is captured once in the thread-local mode (`_CapturedTerms`), outputs and gradients are
-    copied out of the graph's buffers, and a failed capture falls back to the eager transfer with a warning. The
-    adapter stays outside the graphs, so no parameter is ever an input of one.
-    """
-
-    # Padded sizes run 64, 96, 128, 192, 256, ... frames and 16, 24, 32, 48, 64, ... tokens: at most a third of a
-    # dimension is padding, and lengths from 1 to 20 s of speech fit in about ten frame sizes.
-    smallest_frames = 64
-    smallest_tokens = 16
-    max_graphs = 16
-
-    def __init__(self, terms: Callable):
-        self.terms = terms
-        self.graphs: collections.OrderedDict = collections.OrderedDict()
-        self.failed = False
-
-    def __reduce__(self):
-        # Graphs belong to one process and one model: a copy or a pickled model starts without any.
-        return type(self), (self.terms,)
-
-    def __call__(self, frames, frame_mask, teacher_states, token_mask):
-        """The transfer terms from graphs, or `None` if capturing failed (the caller then runs them eagerly)."""
-        if self.failed:
-            return None
-        n_frames, n_tokens = frames.shape[1], teacher_states.shape[1]
-        pad_frames = padded_size(n_frames, self.smallest_frames) - n_frames
-        pad_tokens = padded_size(n_tokens, self.smallest_tokens) - n_tokens
-        # Captured and replayed outside autocast, on the inputs' device (a capture records the current device only).
-        with torch.autocast(device_type="cuda", enabled=False), torch.cuda.device(frames.device):
-            inputs = (
-                nn.functional.pad(frames.float(), (0, 0, 0, pad_frames)),
-                nn.functional.pad(frame_mask, (0, pad_frames)),
-                nn.functional.pad(teacher_states.float(), (0, 0, 0, pad_tokens)),
-                nn.functional.pad(token_mask, (0, pad_tokens)),
-            )
-            key = (frames.device, *(tuple(x.shape) for x in inputs))
-            captured = self.graphs.get(key)
-            if captured is None:
-                captured = self._capture(key, inputs)
-                if captured is None:
-                    return None
-            self.graphs.move_to_end(key)
-            kt_loss, plans, stats = _ReplayTerms.apply(captured, *inputs)
-        return kt_loss, plans[:, :n_frames, :n_tokens], stats
-
-    def _capture(self, key, inputs):
-        stream = torch.cuda.current_stream()
-        try:
-            captured = _CapturedTerms(self.terms, inputs)
-        except Exception as error:  # a custom aligner that reads values on the host, an unsupported operation
-            # A capture that fails inside `torch.cuda.graph` leaves its side stream current.
-            torch.cuda.set_stream(stream)
-            self.failed = True
-            self.graphs.clear()
-            logger.warning(
-                "Capturing the transfer as a CUDA graph failed, so it runs eagerly from now on (kt_cuda_graphs is "
-                "ignored until the transfer settings change): %s",
-                error,
-            )
-            return None
-        self.graphs[key] = captured
-        if len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
-            logger.warning_once(
-                f"More than {self.max_graphs} padded shapes of the transfer: the least recently used graph is dropped "
-                "and will be captured again when its shape comes back. Batches grouped by length keep the number "
-                "of shapes down."
-            )
-        return captured
-
-
-class _CapturedTerms:
-    """`transfer_terms` at one padded shape: static inputs, a forward graph and a backward graph from `kt_loss` to
-    the frames (the only input with a gradient)."""
-
-    def __init__(self, terms: Callable, inputs: tuple):
-        self.inputs = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
-        frames = self.inputs[0]
-        # Warm-up on a side stream, so that lazy initialisation (kernels, workspaces) stays out of the capture.
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                torch.autograd.grad(terms(*self.inputs)[0], frames)
-        torch.cuda.synchronize()
-        pool = torch.cuda.graph_pool_handle()
-        # Thread-local: CUDA calls of other threads (a DataLoader pinning memory) cannot spoil the capture.
-        self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = terms(*self.inputs)
-        self.grad_loss = torch.zeros_like(self.outputs[0])
-        self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
-            (self.grad_frames,) = torch.autograd.grad(self.outputs[0], frames, self.grad_loss)
-        # Counts forward replays, so that a backward can tell whether its activations were overwritten.
-        self.replays = 0
-
-
-class _ReplayTerms(torch.autograd.Function):
-    """Replays a `_CapturedTerms`: `(kt_loss, plans, stats)` forward, the frames' gradient backward."""
-
-    @staticmethod
-    def forward(ctx, captured, frames, frame_mask, teacher_states, token_mask):
-        for static, value in zip(captured.inputs, (frames, frame_mask, teacher_states, token_mask)):
-            static.copy_(value)
-        captured.forward_graph.replay()
-        captured.replays += 1
-        ctx.captured, ctx.replay = captured, captured.replays
-        # Copies: the next replay overwrites the graph's outputs.
-        kt_loss, plans, stats = (output.detach().clone() for output in captured.outputs)
-        ctx.mark_non_differentiable(plans, stats)
-        return kt_loss, plans, stats
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_plans, grad_stats):
-        captured = ctx.captured
-        if captured.replays != ctx.replay:
-            raise RuntimeError(
-                "The graphed transfer ran again, on a batch of the same padded shape, before the backward pass of "
-                "an earlier forward pass: its saved activations are gone. Call backward after each forward, or set "
-                "kt_cuda_graphs=False."
-            )
-        captured.grad_loss.copy_(grad_loss)
-        captured.backward_graph.replay()
-        return None, captured.grad_frames.clone(), None, None, None
-
-
-def padded_size(size: int, smallest: int) -> int:
-    """The least of `smallest * 2**k` and `1.5 * smallest * 2**k` (k >= 0) that is at least `size`; `smallest` is a
-    power of two."""
-    padded = smallest
-    while padded < size:
-        padded = padded * 3 // 2 if padded & (padded - 1) == 0 else padded * 4 // 3
-    return padded
 
 
 def _not_convertible(source: str, model_type) -> str:

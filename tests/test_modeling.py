@@ -24,7 +24,8 @@ from transformers import (
 )
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, solve_uot
-from modeling_uot_ctc.modeling_wav2vec2_uot import padded_size, transfer_terms
+from modeling_uot_ctc.cuda_graphs import TransferGraphs, padded_size
+from modeling_uot_ctc.modeling_wav2vec2_uot import transfer_terms
 
 TEACHER_WIDTH = 24
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz'")
@@ -220,13 +221,17 @@ def test_inner_layer_tap_is_refused_where_it_cannot_work():
     assert model(**make_batch()).kt_loss is not None
 
 
-def test_warmup_waits_for_the_training_step():
+def test_warmup_is_a_schedule_passed_to_forward():
     model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_warmup_steps=10)).eval()
+    assert [model.transfer_scale(step) for step in (None, 0, 9, 10, 11)] == [1.0, 0.0, 0.0, 1.0, 1.0]
     batch = make_batch()
-    model.training_step = 3
-    assert model(**batch).kt_loss is None
-    model.training_step = 10
-    assert model(**batch).kt_loss is not None
+    waiting = model(**batch, transfer_scale=model.transfer_scale(3))
+    assert waiting.kt_loss is None and waiting.token_coverage is None
+    torch.testing.assert_close(waiting.loss, plain_twin(model)(**without_teacher(batch)).loss, rtol=0, atol=1e-6)
+    full, half = model(**batch), model(**batch, transfer_scale=0.5)  # no step given: the transfer runs
+    torch.testing.assert_close(half.kt_loss, full.kt_loss)
+    torch.testing.assert_close(half.loss, full.ctc_loss + 0.5 * 0.7 * full.kt_loss, rtol=0, atol=1e-6)
+    assert not hasattr(model, "training_step")  # no state that only one caller knows how to set
 
 
 def test_bad_inputs_are_rejected(model):
@@ -273,11 +278,10 @@ def test_copies_of_a_model_start_without_graphs():
     import functools
     import pickle
 
-    from modeling_uot_ctc.modeling_wav2vec2_uot import _TransferGraphs
 
     model = Wav2Vec2ForCTCWithUOT(tiny_config(kt_cuda_graphs=True))
     terms = functools.partial(transfer_terms, aligner=solve_uot, solver_settings={}, kt_loss_type="cosine")
-    model._transfer_graphs = _TransferGraphs(terms)
+    model._transfer_graphs = TransferGraphs(terms)
     model._transfer_graphs.graphs["a shape"] = lambda: None  # stands in for a captured graph, which cannot be pickled
     # (Wav2Vec2 itself pickles only through its state dict: its positional convolution is a parametrized module.)
     for twin in (copy.deepcopy(model)._transfer_graphs, pickle.loads(pickle.dumps(model._transfer_graphs))):
