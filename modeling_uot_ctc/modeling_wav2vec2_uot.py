@@ -344,8 +344,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 f"{tuple(input_lengths.shape)} of {input_lengths.dtype}."
             )
         # Checked on the CPU only: on a GPU, reading the values back would make the host wait for the encoder.
-        in_range = (input_lengths >= 1) & (input_lengths <= n_samples)
-        if input_lengths.device.type == "cpu" and not bool(in_range.all()):
+        on_cpu = input_lengths.device.type == "cpu"
+        if on_cpu and not bool(((input_lengths >= 1) & (input_lengths <= n_samples)).all()):
             raise ValueError(
                 f"`input_lengths` counts audio samples, from 1 to the padded length {n_samples}; got "
                 f"{input_lengths.tolist()}."
