@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,7 +46,15 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig
-from modeling_uot_ctc.data import SAMPLING_RATE, InvalidExample, decode_audio, normalise_text
+from modeling_uot_ctc.data import (
+    SAMPLING_RATE,
+    InvalidExample,
+    decode_audio,
+    frame_timing,
+    normalise_text,
+    token_characters,
+    token_frame_spans,
+)
 from modeling_uot_ctc.metrics import METRIC_PATHS
 from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher
 
@@ -178,7 +187,11 @@ class TransferArguments:
     teacher_on_the_fly: bool = field(
         default=False, metadata={"help": "Compute teacher states in each batch instead of caching them once."}
     )
-    aligner: str = field(default="uot", metadata={"help": "'uot', 'ot' or 'none' (plain CTC)."})
+    aligner: str = field(
+        default="uot",
+        metadata={"help": "'uot', 'ot', 'none' (plain CTC), or the controls 'diagonal' and 'oracle' (pools each token "
+                  "from its word's frames; needs a `words` column of word timings, as the project's corpora have)."},
+    )
     alignment_eps: float = field(default=0.1, metadata={"help": "Entropic regularisation of the alignment."})
     rho_frames: Optional[float] = field(default=1.0, metadata={"help": "Frame-side relaxation (degree of matching)."})
     rho_tokens: Optional[float] = field(default=None, metadata={"help": "Token-side relaxation; empty = hard."})
@@ -186,12 +199,30 @@ class TransferArguments:
         default=None, metadata={"help": "rho_frames given as rho / (rho + eps) in (0, 1]."}
     )
     temporal_order_weight: float = field(default=0.0, metadata={"help": "Weight of the temporal-order prior."})
+    alignment_anchor_weight: float = field(
+        default=0.0, metadata={"help": "Share of the CTC-posterior anchor in the alignment cost, in [0, 1]."}
+    )
+    alignment_anchor_gradient: bool = field(
+        default=False, metadata={"help": "Let the transfer's gradient reach the CTC head through the anchor."}
+    )
+    alignment_cost_scale: str = field(
+        default="none", metadata={"help": "'std': eps in units of each example's cost spread; 'none'."}
+    )
+    teacher_centering: str = field(
+        default="none", metadata={"help": "'utterance': subtract each utterance's mean teacher state; 'none'."}
+    )
     alignment_max_iter: int = field(default=200, metadata={"help": "Solver iterations per batch at most."})
     alignment_tol: float = field(default=1e-4, metadata={"help": "Solver tolerance."})
     alignment_grad_mode: str = field(default="detach", metadata={"help": "'detach' or 'unrolled'."})
     kt_weight: float = field(default=0.5, metadata={"help": "Weight of the transfer loss."})
-    kt_loss_type: str = field(default="cosine", metadata={"help": "'cosine' or 'cosine+transport'."})
+    kt_loss_type: str = field(
+        default="cosine", metadata={"help": "'cosine', 'cosine+transport', 'infonce' or 'cosine+infonce'."}
+    )
+    kt_temperature: float = field(default=0.1, metadata={"help": "Temperature of the contrastive loss."})
     kt_warmup_steps: int = field(default=0, metadata={"help": "Optimiser steps of CTC alone first."})
+    kt_ramp_steps: int = field(
+        default=0, metadata={"help": "Steps after the warm-up over which the transfer's weight grows to kt_weight."}
+    )
     kt_adapter: str = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
     kt_encoder_layer: int = field(default=-1, metadata={"help": "Encoder layer feeding the adapter."})
     kt_cuda_graphs: bool = field(
@@ -338,6 +369,10 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
     known = set(tokenizer.get_vocab())
     delimiter = data_args.word_delimiter_token
 
+    # Word timings, where the corpus has them (the project's corpora do): the oracle aligner and the padding
+    # diagnostic read them.
+    timed = {split: "words" in dataset.column_names for split, dataset in raw.items()}
+
     def prepare(row, index):
         where = _describe_row(row, index, data_args.audio_column_name)
         try:
@@ -364,7 +399,7 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
 
     processed = {}
     for split, dataset in raw.items():
-        keep_columns = {"normalised_text"}
+        keep_columns = {"normalised_text", "words"} if timed[split] else {"normalised_text"}
         with training_args.main_process_first(desc=f"preprocess {split}"):
             mapped = dataset.map(
                 prepare,
@@ -409,6 +444,9 @@ class DataCollatorCTCWithTeacher:
 
     processor: Wav2Vec2Processor
     teacher_states: Any = None  # a TeacherStateCache or a TextTeacher (on the fly), or None: no transfer inputs
+    # The encoder's `(hop, first_centre)` (`modeling_uot_ctc.data.frame_timing`): with it, examples that carry word
+    # timings (a `words` column) get each teacher token's word span in frames, `token_frame_spans`.
+    frame_timing: Optional[tuple] = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         audio = [{"input_values": f["input_values"]} for f in features]
@@ -422,6 +460,13 @@ class DataCollatorCTCWithTeacher:
             teacher = self.teacher_states([f["normalised_text"] for f in features])
             batch["teacher_hidden_states"] = teacher.hidden_states
             batch["teacher_attention_mask"] = teacher.attention_mask
+            n_tokens = teacher.hidden_states.shape[1]
+            vocab = self.processor.tokenizer.get_vocab()
+            batch["teacher_token_characters"] = token_characters(teacher.tokens, vocab, n_tokens)
+            if self.frame_timing is not None and all("words" in f for f in features):
+                texts = [f["normalised_text"] for f in features]
+                words = [json.loads(f["words"]) if f["words"] else None for f in features]
+                batch["token_frame_spans"] = token_frame_spans(texts, teacher.tokens, words, *self.frame_timing, n_tokens)
         return batch
 
 
@@ -438,7 +483,8 @@ class UOTTrainer(Trainer):
     """
 
     LOGGED = (
-        "ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged"
+        "ctc_loss", "kt_loss", "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged",
+        "token_discrimination", "cost_spread_over_eps", "frames_per_token", "padding_mass",
     )
 
     def __init__(self, *args, eval_data_collator=None, model_card_writer=None, **kwargs):
@@ -475,15 +521,20 @@ class UOTTrainer(Trainer):
             for name in self.LOGGED:
                 value = getattr(outputs, name, None)
                 if value is not None:
-                    total, count = self._sums.get(name, (0.0, 0))
-                    self._sums[name] = (total + value.detach().float(), count + 1)
+                    # A diagnostic can be undefined in a batch (NaN: `padding_mass` without word timings); it is
+                    # left out of the mean on the device, without reading it back.
+                    value = value.detach().float()
+                    defined = ~value.isnan()
+                    total, count = self._sums.get(name, (0.0, 0.0))
+                    self._sums[name] = (total + torch.where(defined, value, 0.0), count + defined.float())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._sums:
             for name, (total, count) in self._sums.items():
-                mean = self.accelerator.reduce(total / count, reduction="mean")
-                logs[name] = round(float(mean), 6)
+                mean = float(self.accelerator.reduce(total / count, reduction="mean"))
+                if not math.isnan(mean):
+                    logs[name] = round(mean, 6)
             self._sums = {}
         super().log(logs, start_time)
 
@@ -714,7 +765,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     trainer = UOTTrainer(
         model=model,
         args=training_args,
-        data_collator=DataCollatorCTCWithTeacher(processor, teacher_states),
+        data_collator=DataCollatorCTCWithTeacher(processor, teacher_states, frame_timing(model.config)),
         train_dataset=processed.get("train"),
         eval_dataset=processed.get("eval"),
         processing_class=processor,

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the package, from a checkout that is not installed
 
-from modeling_uot_ctc.data import SAMPLING_RATE  # noqa: E402
+from modeling_uot_ctc.data import SAMPLING_RATE, frame_timing  # noqa: E402
 
 BASE_CONFIG = "configs/experiments.yaml"
 RUNS_DIR = "outputs/experiments"
@@ -49,6 +49,25 @@ CLEAN_CORPUS = "data/demo_corpus"
 PADDED_CORPUS = "data/demo_corpus_padded"
 LOW_RESOURCE_SAMPLES = 600
 DEFAULT_SEEDS = (0, 1, 2)
+# The transfer experiments: a CTC base model trained once on BASE_CORPUS (stage 1), fine-tuned on TARGET_CORPUS,
+# accents and voices the base never heard with silence or noise around each utterance (stage 2), row by row.
+BASE_CORPUS = "data/transfer_base"
+TARGET_CLEAN_CORPUS = "data/transfer_target_clean"
+TARGET_CORPUS = "data/transfer_target"
+BASE_CONFIGS = (BASE_CONFIG, "configs/transfer_base.yaml")
+BASE_DIR = "outputs/transfer/base"
+TARGET_CONFIGS = (BASE_CONFIG, "configs/transfer_finetune.yaml")
+TARGET_SEEDS = (0, 1, 2, 3, 4)
+BASE_THREADS = 2
+# The corpora, each from the one before (same seed, disjoint sentences: the target skips what the base took).
+CORPUS_COMMANDS = {
+    BASE_CORPUS: "python -m modeling_uot_ctc.corpus --output data/transfer_base --utterances 8000 --test-fraction 0.05 "
+    "--voices base --seed 0",
+    TARGET_CLEAN_CORPUS: "python -m modeling_uot_ctc.corpus --output data/transfer_target_clean --utterances 600 "
+    "--test-fraction 0.3333333 --voices target --skip-sentences 8000 --seed 0",
+    TARGET_CORPUS: "python -m modeling_uot_ctc.corpus --pad-from data/transfer_target_clean --output "
+    "data/transfer_target --seed 0",
+}
 # The grid of the degree-of-matching curve; inf is balanced transport (every frame keeps its share).
 RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
 # The curve at the recipe's entropic regularisation and at a sharper one, where frames can separate more.
@@ -69,22 +88,35 @@ class Row:
 
     @property
     def data_dir(self) -> str:
-        return PADDED_CORPUS if self.regime == "padded" else CLEAN_CORPUS
+        return {"padded": PADDED_CORPUS, "target": TARGET_CORPUS}.get(self.regime, CLEAN_CORPUS)
+
+    @property
+    def seeds(self) -> tuple:
+        """The seeds the table reports for this row."""
+        return TARGET_SEEDS if self.regime == "target" else DEFAULT_SEEDS
 
     @property
     def command(self) -> str:
         """The command that trains and evaluates every default seed of the row (printed beside it in the table)."""
-        return f"python experiments/run_experiments.py run --rows {self.name} --seeds {' '.join(map(str, DEFAULT_SEEDS))}"
+        return f"python experiments/run_experiments.py run --rows {self.name} --seeds {' '.join(map(str, self.seeds))}"
 
     def train_argv(self, seed: int) -> list[str]:
         """The training script's arguments for this row and seed."""
         flags = {"data_dir": self.data_dir, **self.flags, "seed": seed, "output_dir": run_dir(self, seed)}
         if self.regime == "low-resource":
             flags["max_train_samples"] = LOW_RESOURCE_SAMPLES
-        argv = [BASE_CONFIG]
+        argv = list(TARGET_CONFIGS) if self.regime == "target" else [BASE_CONFIG]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         return argv
+
+
+# The anchored transfer of the stage-2 rows: the CTC head's posteriors in the cost, eps 0.05, rho_frames 0.1 and the
+# temporal prior, the setting the frozen-encoder probes found to follow the speech (docs/RESULTS.md).
+ANCHORED = {
+    "aligner": "uot", "alignment_anchor_weight": 1.0, "alignment_eps": 0.05, "rho_frames": 0.1,
+    "temporal_order_weight": 1.0,
+}
 
 
 def _rows() -> list[Row]:
@@ -107,6 +139,20 @@ def _rows() -> list[Row]:
         Row("uot_rho1.0_kt0.1", "clean", "UOT, rho_frames 1, kt_weight 0.1", uot(1.0, kt_weight=0.1)),
         Row("uot_rho1.0_kt2.0", "clean", "UOT, rho_frames 1, kt_weight 2", uot(1.0, kt_weight=2.0)),
         Row("low_ot", "low-resource", "balanced OT transfer", {"aligner": "ot"}),
+        # Stage 2 of the transfer experiments: the base model fine-tuned on the target set.
+        Row("target_ctc", "target", "CTC only (no teacher)", {"aligner": "none"}),
+        Row("target_oracle", "target", "oracle: each token pooled from its word's frames", {"aligner": "oracle"}),
+        Row("target_diagonal", "target", "diagonal plan (equal consecutive runs)", {"aligner": "diagonal"}),
+        Row("target_uot_cosine", "target", "UOT, cosine cost (the from-scratch recipe)", uot(1.0)),
+        Row("target_uot_anchor", "target", "UOT, anchored cost + temporal prior (the defaults)", ANCHORED),
+        Row("target_ot_anchor", "target", "balanced OT, anchored cost + temporal prior",
+            {**ANCHORED, "aligner": "ot"}),
+        Row("target_uot_anchor_infonce", "target", "UOT, anchored, + contrastive loss",
+            {**ANCHORED, "kt_loss_type": "cosine+infonce"}),
+        Row("target_uot_anchor_ramp", "target", "UOT, anchored, warm-up 50 and ramp 100 steps",
+            {**ANCHORED, "kt_warmup_steps": 50, "kt_ramp_steps": 100}),
+        Row("target_uot_cosine_fixed", "target", "UOT, cosine cost, centred teacher, eps per spread, prior",
+            uot(1.0, teacher_centering="utterance", alignment_cost_scale="std", temporal_order_weight=1.0)),
     ]
 
 
@@ -204,6 +250,43 @@ def _train_and_evaluate(row: Row, seed: int, folder: str, metrics_path: str, log
     return metrics
 
 
+def build_transfer_corpora(log=print) -> None:
+    """Build whichever corpus of the transfer experiments is missing (each command is in `CORPUS_COMMANDS`)."""
+    for folder, command in CORPUS_COMMANDS.items():
+        if os.path.isfile(os.path.join(folder, "test", "metadata.csv")):
+            continue
+        log(f"building {folder}: {command}")
+        subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, check=True)
+
+
+def base_command() -> str:
+    """The shell command that trains the stage-1 base model (resumes from its last checkpoint)."""
+    return f"OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py {' '.join(BASE_CONFIGS)}"
+
+
+def run_base(log=print) -> dict:
+    """Stage 1: train the CTC base model on BASE_CORPUS (or resume it), export it as a plain checkpoint for the
+    stage-2 rows, and evaluate it on the base corpus's test split (held-out sentences, voices heard in training).
+    A finished base is read back, not redone."""
+    build_transfer_corpora(log)
+    metrics_path = os.path.join(BASE_DIR, "experiment_metrics.json")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    os.makedirs(BASE_DIR, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(BASE_THREADS), "MKL_NUM_THREADS": str(BASE_THREADS),
+           "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
+    if not os.path.isfile(os.path.join(BASE_DIR, "plain", "model.safetensors")):
+        log(f"[base] training: {base_command()}")
+        with open(os.path.join(BASE_DIR, "train.log"), "a", encoding="utf-8") as handle:
+            subprocess.run([sys.executable, "run_speech_recognition_uot.py", *BASE_CONFIGS], cwd=ROOT, env=env,
+                           stdout=handle, stderr=subprocess.STDOUT, check=True)
+    log("[base] evaluating")
+    metrics = evaluate_run(BASE_DIR, BASE_CORPUS)
+    log(f"[base] CER {metrics['cer']:.3f}, WER {metrics['wer']:.3f} on {metrics['test_utterances']} test utterances")
+    return metrics
+
+
 def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> None:
     """Run every (row, seed) not yet done, `jobs` at a time; list the failures at the end."""
     pending = [(row, seed) for row in rows for seed in seeds]
@@ -234,16 +317,6 @@ def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> Non
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
-
-
-def frame_timing(config) -> tuple[float, float]:
-    """`(hop, first_centre)` in seconds: frame `t` of the convolutional front end is centred on
-    `first_centre + t * hop`, the middle of its receptive field."""
-    hop, receptive_field = 1, 1
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        receptive_field += (kernel - 1) * hop
-        hop *= stride
-    return hop / SAMPLING_RATE, (receptive_field - 1) / 2 / SAMPLING_RATE
 
 
 def word_reference(n_frames: int, words: list, hop: float, first_centre: float):
@@ -285,8 +358,10 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     import yaml
     from transformers import Wav2Vec2Processor
 
-    from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT, cosine_cost
-    from modeling_uot_ctc.data import decode_audio, normalise_text
+    from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT
+    from modeling_uot_ctc.data import decode_audio, normalise_text, token_characters, token_frame_spans
+    from modeling_uot_ctc.diagnostics import frame_fit_spread
+    from modeling_uot_ctc.modeling_wav2vec2_uot import alignment_cost, centred_states
     from modeling_uot_ctc.metrics import METRIC_PATHS
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
 
@@ -311,9 +386,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     rows.sort(key=lambda r: len(r["audio"]))
 
     predictions = {}
-    sweep = {(eps, rho): {k: [] for k in SCORES} for eps in SWEEP_EPS for rho in RHO_GRID}
-    trained, diagonal = {k: [] for k in SCORES}, {k: [] for k in SCORES}
-    frame_fit_spread = []
+    sweep_eps = sorted({config.alignment_eps, *SWEEP_EPS}, reverse=True)
+    sweep = {(eps, rho): {k: [] for k in SCORES} for eps in sweep_eps for rho in RHO_GRID}
+    trained, diagonal, prior = {k: [] for k in SCORES}, {k: [] for k in SCORES}, {k: [] for k in SCORES}
+    spreads = []
+    # The model's own diagnostics of each utterance's plan (`Wav2Vec2UOTOutput`), NaN-free values only.
+    instruments = {k: [] for k in ("token_discrimination", "frames_per_token", "padding_mass", "cost_spread_over_eps")}
+    chance = []
     costs = []  # (cost, reference) of each scored utterance, for the sweep
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluating {folder}", mininterval=30):
         chunk = rows[start : start + batch_size]
@@ -323,8 +402,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
         teacher_inputs = {}
         if aligned:
             states = cache([r["normalised"] for r in chunk])
+            n_tokens = states.hidden_states.shape[1]
+            texts = [r["normalised"] for r in chunk]
+            words = [json.loads(r["words"]) if r.get("words") else None for r in chunk]
             teacher_inputs = dict(
-                teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask
+                teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask,
+                teacher_token_characters=token_characters(states.tokens, processor.tokenizer.get_vocab(), n_tokens),
+                token_frame_spans=token_frame_spans(texts, states.tokens, words, hop, first_centre, n_tokens),
             )
         with torch.no_grad():
             outputs = model(
@@ -340,6 +424,12 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
             predictions[row["file_name"]] = processor.decode(ids[: int(length)])
         if not aligned:
             continue
+        if outputs.kt_loss is not None:  # an utterance the oracle could not time gives no plan
+            for name, values in instruments.items():
+                value = float(getattr(outputs, name))
+                if not math.isnan(value):
+                    values.append(value)
+            chance.append(1.0 / float(states.attention_mask.sum()))
 
         # The plan the model trains with, a no-information plan, and the model's costs solved over the grid.
         frame_mask = model._get_feature_vector_attention_mask(outputs.logits.shape[1], batch.attention_mask).bool()
@@ -348,11 +438,26 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
             acoustic = outputs.hidden_states[config.kt_encoder_layer]
             frames = model.kt_adapter(acoustic)
             teacher_states = torch.where(token_mask[:, :, None], states.hidden_states.to(frames.dtype), 0.0)
-            cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+            if config.teacher_centering == "utterance":
+                teacher_states = centred_states(teacher_states, token_mask)
+            # The cost the model solves in training (anchor and scale included), for the sweep below.
+            cost = alignment_cost(
+                frames, teacher_states, frame_mask, token_mask, anchor_weight=config.alignment_anchor_weight,
+                cost_scale=config.alignment_cost_scale, log_probs=outputs.logits.log_softmax(-1),
+                token_characters=teacher_inputs["teacher_token_characters"],
+            )
+            # The temporal-order plan: the prior alone, on a cost that says nothing, balanced.
+            prior_plan = ALIGNERS["uot"](
+                torch.zeros_like(cost), frame_mask, token_mask, eps=config.alignment_eps, rho_frames=math.inf,
+                temporal_order_weight=1.0, max_iter=config.alignment_max_iter, tol=config.alignment_tol,
+            ).plan
         references = word_alignment_references(chunk, teacher.tokenizer, token_mask, frame_mask, hop, first_centre)
-        score_plans(trained, outputs.alignments, references, frame_mask)
+        if outputs.alignments is not None:
+            score_plans(trained, outputs.alignments, references, frame_mask)
         score_plans(diagonal, diagonal_plans(frame_mask, token_mask), references, frame_mask)
-        frame_fit_spread += frame_fit_spreads(cost, frame_mask, token_mask, config.alignment_eps)
+        score_plans(prior, prior_plan, references, frame_mask)
+        spreads += [v for v in frame_fit_spread(cost, frame_mask, token_mask, config.alignment_eps).tolist()
+                    if not math.isnan(v)]
         for index, reference in enumerate(references):
             if reference is not None:
                 n_frames, n_tokens = int(frame_mask[index].sum()), int(token_mask[index].sum())
@@ -400,7 +505,10 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
         metrics["alignment_scored_utterances"] = len(trained["precision"])
         metrics["alignment"] = {k: mean(v) for k, v in trained.items() if v}
         metrics["alignment_diagonal"] = {k: mean(v) for k, v in diagonal.items() if v}
-        metrics["frame_fit_spread_over_eps"] = mean(frame_fit_spread)
+        metrics["alignment_temporal_prior"] = {k: mean(v) for k, v in prior.items() if v}
+        metrics["frame_fit_spread_over_eps"] = mean(spreads)
+        metrics["instruments"] = {k: mean(v) for k, v in instruments.items() if v}
+        metrics["instruments"]["discrimination_chance"] = mean(chance)
         metrics["rho_sweep"] = [
             {"eps": eps, "rho_frames": None if math.isinf(rho) else rho, **{k: mean(v) for k, v in values.items()}}
             for (eps, rho), values in sweep.items()
@@ -420,27 +528,6 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     with open(os.path.join(folder, "experiment_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
-
-
-def frame_fit_spreads(cost, frame_mask, token_mask, eps: float) -> list[float]:
-    """Per utterance, how unequally its frames fit the transcript, in units of `eps`.
-
-    A frame's fit is the soft minimum of its costs over the tokens, `-eps log mean_j exp(-C_ij / eps)`; the spread
-    is the standard deviation of the fits over the valid frames, divided by `eps`. The frame-side relaxation can only
-    drop frames that fit clearly worse than the rest: with a spread well below 1 every frame keeps about its share
-    whatever `rho_frames` is.
-    """
-    import torch
-
-    scaled = (-cost.float() / eps).masked_fill(~token_mask[:, None, :], float("-inf"))
-    n_tokens = token_mask.sum(-1).clamp_min(1).float()
-    fit = -(torch.logsumexp(scaled, dim=-1) - n_tokens.log()[:, None])  # in units of eps
-    spreads = []
-    for index in range(cost.shape[0]):
-        valid = fit[index][frame_mask[index]]
-        if valid.numel() > 1 and token_mask[index].any():
-            spreads.append(float(valid.std()))
-    return spreads
 
 
 def diagonal_plans(frame_mask, token_mask):
@@ -533,16 +620,29 @@ def load_run_metrics(rows, seeds) -> dict:
     return found
 
 
+def _by_seeds(rows: list[Row], seeds) -> list:
+    """`[(seeds, rows), ...]`: the seeds asked for, or else each row's own, grouped."""
+    if seeds:
+        return [(list(seeds), rows)]
+    groups = {}
+    for row in rows:
+        groups.setdefault(row.seeds, []).append(row)
+    return [(list(s), group) for s, group in groups.items()]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     global RUNS_DIR
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default=RUNS_DIR, help="where the runs live (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print every row and the command that reruns it")
+    commands.add_parser("base", help="stage 1 of the transfer experiments: corpora and the CTC base model")
     run = commands.add_parser("run", help="train and evaluate the runs not yet done")
     run.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
-    run.add_argument("--regimes", nargs="+", choices=["clean", "padded", "low-resource"], help="only these regimes")
-    run.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    run.add_argument(
+        "--regimes", nargs="+", choices=["clean", "padded", "low-resource", "target"], help="only these regimes"
+    )
+    run.add_argument("--seeds", nargs="+", type=int, help="seeds (default: each row's, 0 1 2 or 0 to 4 for target)")
     run.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
     run.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (training is kept)")
     evaluate = commands.add_parser("evaluate", help="evaluate one trained run folder")
@@ -558,17 +658,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.command == "list":
         for row in ROWS.values():
             print(f"{row.name:20s} {row.regime:13s} {row.description}\n    {row.command}")
+    elif args.command == "base":
+        run_base()
     elif args.command == "run":
         rows = [ROWS[name] for name in args.rows] if args.rows else list(ROWS.values())
         if args.regimes:
             rows = [row for row in rows if row.regime in args.regimes]
+        if any(row.regime == "target" for row in rows) and not os.path.isfile(
+            os.path.join(BASE_DIR, "experiment_metrics.json")
+        ):
+            raise SystemExit("The target rows fine-tune the stage-1 base model: run `run_experiments.py base` first.")
         missing = sorted({row.data_dir for row in rows if not os.path.isdir(row.data_dir)})
         if missing:
             raise SystemExit(
                 f"Missing corpus {', '.join(missing)}: build it first (make experiments-data, or "
                 "python -m modeling_uot_ctc.corpus, see docs/RESULTS.md)."
             )
-        run_many(rows, args.seeds, args.jobs, reevaluate=args.reevaluate)
+        for seeds, group in _by_seeds(rows, args.seeds):
+            run_many(group, seeds, args.jobs, reevaluate=args.reevaluate)
     elif args.command == "evaluate":
         metrics = evaluate_run(args.folder, args.data_dir)
         print(json.dumps({k: v for k, v in metrics.items() if k != "rho_sweep"}, indent=2))

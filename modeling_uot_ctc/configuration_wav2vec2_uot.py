@@ -10,8 +10,10 @@ from transformers import Wav2Vec2Config
 
 from .solver import rho_from_fraction
 
-ALIGNER_CHOICES = ("uot", "ot", "none")
-KT_LOSS_CHOICES = ("cosine", "cosine+transport")
+ALIGNER_CHOICES = ("uot", "ot", "diagonal", "oracle", "none")
+KT_LOSS_CHOICES = ("cosine", "cosine+transport", "infonce", "cosine+infonce")
+COST_SCALE_CHOICES = ("none", "std")
+TEACHER_CENTERING_CHOICES = ("none", "utterance")
 ADAPTER_CHOICES = ("linear", "mlp")
 GRAD_MODE_CHOICES = ("detach", "unrolled")
 
@@ -26,7 +28,10 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         aligner (`str`, *optional*, defaults to `"uot"`):
             How frames are aligned with teacher tokens: `"uot"` (tokens hard, frames relaxed by `rho_frames`),
             `"ot"` (balanced: every frame and token matched in full), `"none"` (no transfer: plain CTC), or the name
-            of an aligner added with `modeling_uot_ctc.solver.register_aligner`.
+            of an aligner added with `modeling_uot_ctc.solver.register_aligner`. Two controls: `"diagonal"` (the
+            valid frames cut into equal consecutive runs, one per token, whatever the cost) and `"oracle"` (each
+            token pooled from the frames of its word, from word timings passed to `forward` as
+            `token_frame_spans`; an upper bound on what an alignment can give the transfer).
         alignment_eps (`float`, *optional*, defaults to 0.1):
             Entropic regularisation of the alignment, in the unit of the cost (cosine distance, in `[0, 2]`).
         rho_frames (`float`, *optional*, defaults to 1.0):
@@ -41,6 +46,26 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         temporal_order_weight (`float`, *optional*, defaults to 0.0):
             Weight of the temporal-order prior (transport far from the diagonal in normalised time costs more);
             0 switches it off. Works with every aligner.
+        alignment_anchor_weight (`float`, *optional*, defaults to 0.0):
+            Share of the acoustic anchor in the alignment cost: `C = (1 - w) * cosine + w * anchor`, where the anchor
+            is `1 - max_c p_i(c)` over the characters `c` of each word piece, from the CTC head's own posteriors
+            (`modeling_uot_ctc.costs.character_anchor_cost`). It needs `teacher_token_characters` in `forward`. 0
+            is the cosine cost alone; 1 aligns by what the recogniser hears, and the transfer loss still pulls the
+            pooled frames towards the teacher. Ours, not the paper's: the cosine cost of an adapter trained with
+            the plan is self-fulfilling (docs/RESULTS.md).
+        alignment_anchor_gradient (`bool`, *optional*, defaults to `False`):
+            Let the transfer's gradient reach the CTC head through the anchor (only with
+            `alignment_grad_mode="unrolled"` or `kt_loss_type="cosine+transport"`, the terms that differentiate
+            the cost). `False` treats the posteriors as constants.
+        alignment_cost_scale (`str`, *optional*, defaults to `"none"`):
+            `"std"` divides each example's cost by its standard deviation over the valid cells before solving, so
+            that `alignment_eps` is measured in units of the cost's spread rather than of the cosine distance (a
+            cosine cost spreads over about 0.05, an anchor over about 0.3). `"none"` solves the cost as it is.
+            With tokens hard, only the scale matters: a constant shift of the cost changes no plan.
+        teacher_centering (`str`, *optional*, defaults to `"none"`):
+            `"utterance"` subtracts from each teacher state the mean state of its utterance before the cost and
+            the loss: the direction all states share (cosine about 0.2 with each MiniLM state) then no longer
+            rewards pulling every frame the same way. Ours, not the paper's.
         alignment_max_iter (`int`, *optional*, defaults to 200):
             Largest number of Sinkhorn iterations per batch.
         alignment_tol (`float`, *optional*, defaults to 1e-4):
@@ -52,13 +77,22 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             Weight `lambda_kt` of the transfer loss: `loss = ctc_loss + kt_weight * kt_loss`. 0 is plain CTC.
         kt_loss_type (`str`, *optional*, defaults to `"cosine"`):
             `"cosine"`: mean over tokens of `1 - cos(xhat_j, z_j)`, with `xhat_j` the plan-weighted mean of the
-            adapted frames. `"cosine+transport"`: adds the transport cost `<C, P>` of each example.
+            adapted frames. `"cosine+transport"`: adds the transport cost `<C, P>` of each example. `"infonce"`: a
+            contrastive loss, cross-entropy of `cos(xhat_j, z_k) / kt_temperature` over every valid token `k` of
+            the batch (its own utterance's and the others'), the target being `j`; it rewards pooled frames that
+            tell tokens apart, which a rank-one plan cannot. `"cosine+infonce"`: the sum of the two. The
+            contrastive terms are ours, not the paper's.
+        kt_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the contrastive loss.
         kt_warmup_steps (`int`, *optional*, defaults to 0):
             Optimiser steps of CTC alone before the transfer loss starts. A schedule for whoever runs the training
             loop: `model.transfer_scale(step)` turns it into the `transfer_scale` argument of `forward` (the training
             script's Trainer passes it at every step); the model keeps no step of its own. The adapter gets no
             gradient meanwhile: under DDP, wrap the model with `find_unused_parameters=True` (the training script
             does).
+        kt_ramp_steps (`int`, *optional*, defaults to 0):
+            After the warm-up, the transfer's weight grows linearly from `1 / kt_ramp_steps` of `kt_weight` to all
+            of it over this many steps (`model.transfer_scale(step)`); 0 starts it at full weight.
         kt_adapter (`str`, *optional*, defaults to `"linear"`):
             The adapter from acoustic states to the teacher's width: `"linear"` or `"mlp"` (linear, GELU, linear).
         kt_adapter_hidden_size (`int`, *optional*):
@@ -105,6 +139,10 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         "dropped_frame_fraction",
         "transported_mass",
         "alignment_converged",
+        "token_discrimination",
+        "cost_spread_over_eps",
+        "frames_per_token",
+        "padding_mass",
         "hidden_states",
         "attentions",
     ]
@@ -117,12 +155,18 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         rho_tokens: Optional[float] = None,
         matching_fraction: Optional[float] = None,
         temporal_order_weight: float = 0.0,
+        alignment_anchor_weight: float = 0.0,
+        alignment_anchor_gradient: bool = False,
+        alignment_cost_scale: str = "none",
+        teacher_centering: str = "none",
         alignment_max_iter: int = 200,
         alignment_tol: float = 1e-4,
         alignment_grad_mode: str = "detach",
         kt_weight: float = 0.5,
         kt_loss_type: str = "cosine",
+        kt_temperature: float = 0.1,
         kt_warmup_steps: int = 0,
+        kt_ramp_steps: int = 0,
         kt_adapter: str = "linear",
         kt_adapter_hidden_size: Optional[int] = None,
         kt_encoder_layer: int = -1,
@@ -147,6 +191,8 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             ("kt_loss_type", kt_loss_type, KT_LOSS_CHOICES),
             ("kt_adapter", kt_adapter, ADAPTER_CHOICES),
             ("alignment_grad_mode", alignment_grad_mode, GRAD_MODE_CHOICES),
+            ("alignment_cost_scale", alignment_cost_scale, COST_SCALE_CHOICES),
+            ("teacher_centering", teacher_centering, TEACHER_CENTERING_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
@@ -154,6 +200,14 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             raise ValueError(f"`kt_weight` must be non-negative, got {kt_weight!r}.")
         if temporal_order_weight < 0:
             raise ValueError(f"`temporal_order_weight` must be non-negative, got {temporal_order_weight!r}.")
+        if not 0.0 <= alignment_anchor_weight <= 1.0:
+            raise ValueError(f"`alignment_anchor_weight` must lie in [0, 1], got {alignment_anchor_weight!r}.")
+        if not (kt_temperature > 0 and math.isfinite(kt_temperature)):
+            raise ValueError(f"`kt_temperature` must be a positive number, got {kt_temperature!r}.")
+        if kt_warmup_steps < 0 or kt_ramp_steps < 0:
+            raise ValueError(
+                f"`kt_warmup_steps` and `kt_ramp_steps` count steps, got {kt_warmup_steps!r} and {kt_ramp_steps!r}."
+            )
         if teacher_hidden_size is None or teacher_hidden_size <= 0:
             raise ValueError(
                 f"`teacher_hidden_size` must be the width of the teacher's states (e.g. 384 for all-MiniLM-L6-v2, "
@@ -180,12 +234,18 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         self.rho_frames = rho_frames
         self.rho_tokens = rho_tokens
         self.temporal_order_weight = float(temporal_order_weight)
+        self.alignment_anchor_weight = float(alignment_anchor_weight)
+        self.alignment_anchor_gradient = bool(alignment_anchor_gradient)
+        self.alignment_cost_scale = alignment_cost_scale
+        self.teacher_centering = teacher_centering
         self.alignment_max_iter = int(alignment_max_iter)
         self.alignment_tol = float(alignment_tol)
         self.alignment_grad_mode = alignment_grad_mode
         self.kt_weight = float(kt_weight)
         self.kt_loss_type = kt_loss_type
+        self.kt_temperature = float(kt_temperature)
         self.kt_warmup_steps = int(kt_warmup_steps)
+        self.kt_ramp_steps = int(kt_ramp_steps)
         self.kt_adapter = kt_adapter
         self.kt_adapter_hidden_size = kt_adapter_hidden_size
         self.kt_encoder_layer = int(kt_encoder_layer)

@@ -38,6 +38,22 @@ WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet/dict")
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "klatt", "klatt2")
 UNSEEN_VARIANTS = ("f4", "klatt2")  # spoken only in part of the test split
+# Voice sets, as `(voices of training and half the test split, voices of the other half)`. "demo" is the corpus of the
+# demo and the from-scratch experiments. "base" (the stage-1 corpus of the transfer experiments) and "target" (their
+# stage-2 fine-tuning set) share no accent and no voice variant: the target stands for speakers a pretrained encoder
+# never heard.
+BASE_ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+BASE_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f5", "klatt", "klatt3")
+TARGET_ACCENTS = ("en-gb-scotland", "en-029", "en-us-nyc")
+TARGET_VARIANTS = ("f4", "klatt2", "klatt4")
+VOICE_SETS = {
+    "demo": (
+        tuple(f"{a}+{v}" for a in ACCENTS for v in VARIANTS if v not in UNSEEN_VARIANTS),
+        tuple(f"{a}+{v}" for a in ACCENTS for v in UNSEEN_VARIANTS),
+    ),
+    "base": (tuple(f"{a}+{v}" for a in BASE_ACCENTS for v in BASE_VARIANTS), ()),
+    "target": (tuple(f"{a}+{v}" for a in TARGET_ACCENTS for v in TARGET_VARIANTS), ()),
+}
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,;:'?!.-]*$")
 
 
@@ -91,21 +107,37 @@ def clean_sentences(sentences: Iterable[str], min_words: int = 3, max_words: int
     return kept
 
 
-def plan_corpus(sentences: list[str], utterances: int, seed: int, test_fraction: float = 0.1) -> list[Utterance]:
-    """Assign sentences to splits (disjoint) and a voice, speed and pitch to each utterance, from `seed` alone."""
+def plan_corpus(
+    sentences: list[str],
+    utterances: int,
+    seed: int,
+    test_fraction: float = 0.1,
+    voices: str = "demo",
+    skip_sentences: int = 0,
+) -> list[Utterance]:
+    """Assign sentences to splits (disjoint) and a voice, speed and pitch to each utterance, from `seed` alone.
+
+    The sentences are shuffled by `seed`; the corpus takes `utterances` of them after the first `skip_sentences`, so
+    that two corpora of the same seed, one skipping what the other took, share no sentence. `voices` names an entry
+    of `VOICE_SETS`; when it has voices for unseen speakers, every other test utterance is spoken by one of them.
+    """
+    if voices not in VOICE_SETS:
+        raise ValueError(f"`voices` must be one of {sorted(VOICE_SETS)}, got {voices!r}.")
     rng = random.Random(seed)
     pool = list(sentences)
     rng.shuffle(pool)
-    if utterances > len(pool):
-        raise ValueError(f"{utterances} utterances asked for, but only {len(pool)} distinct sentences are available.")
-    pool = pool[:utterances]
+    if skip_sentences + utterances > len(pool):
+        raise ValueError(
+            f"{utterances} utterances after {skip_sentences} skipped sentences asked for, but only {len(pool)} "
+            "distinct sentences are available."
+        )
+    pool = pool[skip_sentences : skip_sentences + utterances]
     n_test = max(1, int(round(test_fraction * utterances)))
-    seen = [f"{a}+{v}" for a in ACCENTS for v in VARIANTS if v not in UNSEEN_VARIANTS]
-    unseen = [f"{a}+{v}" for a in ACCENTS for v in UNSEEN_VARIANTS]
+    seen, unseen = VOICE_SETS[voices]
     plan = []
     for split, chunk in (("test", pool[:n_test]), ("train", pool[n_test:])):
         for index, text in enumerate(chunk):
-            seen_voice = split == "train" or index % 2 == 0
+            seen_voice = split == "train" or index % 2 == 0 or not unseen
             plan.append(Utterance(
                 split=split, index=index, text=text, voice=rng.choice(seen if seen_voice else unseen),
                 speed=rng.randint(130, 190), pitch=rng.randint(30, 70), seen_voice=seen_voice,
@@ -232,11 +264,16 @@ def build_corpus(
     workers: int = 2,
     test_fraction: float = 0.1,
     progress: bool = True,
+    voices: str = "demo",
+    skip_sentences: int = 0,
 ) -> dict:
-    """Synthesise the corpus into `output` (audiofolder layout); returns the number of utterances per split."""
+    """Synthesise the corpus into `output` (audiofolder layout); returns the number of utterances per split.
+
+    `voices` and `skip_sentences` choose the speakers and the sentences, as in :func:`plan_corpus`.
+    """
     from tqdm.auto import tqdm
 
-    plan = plan_corpus(sentences, utterances, seed, test_fraction)
+    plan = plan_corpus(sentences, utterances, seed, test_fraction, voices, skip_sentences)
     for split in ("train", "test"):
         os.makedirs(os.path.join(output, split), exist_ok=True)
     rows = {"train": [], "test": []}
@@ -340,6 +377,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of sentences for the test split")
+    parser.add_argument(
+        "--voices", default="demo", choices=sorted(VOICE_SETS),
+        help="speaker set: demo (the demo's), base (stage 1 of the transfer experiments), target (stage 2: accents "
+        "and voice variants that base never has)",
+    )
+    parser.add_argument(
+        "--skip-sentences", type=int, default=0,
+        help="leave out the first N sentences of the seed's shuffle (another corpus of the same seed took them)",
+    )
     parser.add_argument("--sentences", help="a text file, one sentence per line (default: WordNet's examples)")
     parser.add_argument("--wordnet-dir", help="folder of WordNet's data.* files (default: Debian's location)")
     parser.add_argument(
@@ -356,7 +402,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             sentences = clean_sentences(handle)
     else:
         sentences = wordnet_sentences(args.wordnet_dir)
-    counts = build_corpus(args.output, sentences, args.utterances, args.seed, args.workers, args.test_fraction)
+    counts = build_corpus(
+        args.output, sentences, args.utterances, args.seed, args.workers, args.test_fraction,
+        voices=args.voices, skip_sentences=args.skip_sentences,
+    )
     print(f"wrote {counts['train']} training and {counts['test']} test utterances to {args.output}")
 
 

@@ -81,3 +81,56 @@ def temporal_order_penalty(
     token_time = token_rank / token_mask.sum(-1, keepdim=True).clamp_min(1)
     penalty = (frame_time[:, :, None] - token_time[:, None, :]) ** 2
     return penalty * (frame_mask[:, :, None] & token_mask[:, None, :]).to(dtype)
+
+
+def character_anchor_cost(
+    log_probs: torch.Tensor,
+    token_characters: torch.Tensor,
+    frame_mask: Optional[torch.Tensor] = None,
+    token_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The acoustic anchor: `C_ij = 1 - max_{c in chars(j)} p_i(c)`, from the CTC head's own posteriors.
+
+    A frame fits a word piece when the recogniser hears one of the piece's characters in it. Frames where the blank
+    (or a character of no piece) dominates cost close to 1 for every token, so that an unbalanced plan can leave them
+    out. Unlike the cosine cost it varies across frames from the first step of fine-tuning a trained recogniser,
+    whatever the adapter has learnt.
+
+    Args:
+        log_probs (`torch.Tensor` of shape `(B, T, V)`):
+            Log-probabilities of the CTC vocabulary at each frame (`log_softmax` of the logits).
+        token_characters (`torch.Tensor` of shape `(B, N, V)`):
+            1 where vocabulary id `c` spells part of token `j` (`modeling_uot_ctc.data.token_characters` builds it
+            from the teacher's word pieces); a token without any character costs 1 everywhere.
+        frame_mask, token_mask: `True` on valid frames `(B, T)` and tokens `(B, N)`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, T, N)` in float32, values in `[0, 1]`, zero on padded cells.
+    """
+    if log_probs.dim() != 3 or token_characters.dim() != 3 or log_probs.shape[-1] != token_characters.shape[-1]:
+        raise ValueError(
+            f"`log_probs` (B, T, V) and `token_characters` (B, N, V) must share B and V, got "
+            f"{tuple(log_probs.shape)} and {tuple(token_characters.shape)}."
+        )
+    with _autocast_disabled(log_probs.device):
+        probs = log_probs.float().exp()
+        characters = token_characters.to(device=probs.device, dtype=torch.float32)
+        # (B, T, N, V) for a max over each piece's characters: V is a character vocabulary (tens of entries).
+        affinity = (probs[:, :, None, :] * characters[:, None, :, :]).amax(-1)
+        cost = 1.0 - affinity
+        if frame_mask is not None:
+            cost = cost * frame_mask[:, :, None].float()
+        if token_mask is not None:
+            cost = cost * token_mask[:, None, :].float()
+    return cost
+
+
+def cost_spread(cost: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of each example's cost over its valid cells, shape `(B,)` (1 where it is 0 or
+    undefined, so that dividing by it is always safe)."""
+    cells = (frame_mask[:, :, None] & token_mask[:, None, :]).float()
+    count = cells.sum((1, 2)).clamp_min(1)
+    mean = (cost * cells).sum((1, 2)) / count
+    variance = (((cost - mean[:, None, None]) ** 2) * cells).sum((1, 2)) / count
+    spread = variance.sqrt()
+    return torch.where(spread > 1e-6, spread, torch.ones_like(spread))

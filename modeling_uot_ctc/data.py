@@ -7,10 +7,12 @@ Audio is decoded with soundfile and resampled with soxr, so that neither torchco
 from __future__ import annotations
 
 import io
+import math
 import re
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 # The rate every wav2vec 2.0 checkpoint expects.
 SAMPLING_RATE = 16_000
@@ -63,3 +65,78 @@ def normalise_text(text: str, chars_to_ignore: Optional[list[str]] = None, lower
     if lower:
         text = text.lower()
     return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------ inputs of the anchor and the oracle
+
+
+def frame_timing(config) -> tuple[float, float]:
+    """`(hop, first_centre)` in seconds for a wav2vec 2.0 config: frame `t` of the convolutional front end is centred
+    on `first_centre + t * hop`, the middle of its receptive field."""
+    hop, receptive_field = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        receptive_field += (kernel - 1) * hop
+        hop *= stride
+    return hop / SAMPLING_RATE, (receptive_field - 1) / 2 / SAMPLING_RATE
+
+
+def piece_word_indices(text: str, pieces: list[str]) -> Optional[list[int]]:
+    """The whitespace-word index in `text` of each WordPiece token of `pieces` (`"##"` marks a continuation), or
+    `None` when the pieces do not spell `text` in order (an `[UNK]`, a cased or accent-stripping mismatch)."""
+    word_of, word, after_space = [], -1, True
+    for character in text:
+        if character != " " and after_space:
+            word += 1
+        word_of.append(word)
+        after_space = character == " "
+    position, result = 0, []
+    for piece in pieces:
+        while position < len(text) and text[position] == " ":
+            position += 1
+        spelled = piece[2:] if piece.startswith("##") else piece
+        if not spelled or text[position : position + len(spelled)] != spelled:
+            return None
+        result.append(word_of[position])
+        position += len(spelled)
+    return result
+
+
+def token_characters(pieces: list[list[str]], vocab: dict, n_tokens: int) -> torch.Tensor:
+    """`(B, n_tokens, V)` float tensor, 1 where CTC vocabulary id `c` (of `vocab`, character to id) spells part of
+    piece `j` of example `b`: the anchor's input (`Wav2Vec2UOTConfig.alignment_anchor_weight`). Characters outside
+    the vocabulary are left out; padding rows are 0."""
+    table = torch.zeros(len(pieces), n_tokens, max(vocab.values()) + 1)
+    for b, example in enumerate(pieces):
+        for j, piece in enumerate(example[:n_tokens]):
+            ids = [vocab[c] for c in (piece[2:] if piece.startswith("##") else piece) if c in vocab]
+            table[b, j, ids] = 1.0
+    return table
+
+
+def token_frame_spans(
+    texts: list[str], pieces: list[list[str]], words: list, hop: float, first_centre: float, n_tokens: int
+) -> torch.Tensor:
+    """`(B, n_tokens, 2)` long tensor: `[start, end)` encoder frames of the word of each piece, from word timings.
+
+    Args:
+        texts: the normalised transcripts the pieces were made from.
+        pieces: each transcript's word pieces (`TeacherOutput.tokens`).
+        words: each utterance's `[[word, start_s, end_s], ...]` (the corpus's `words` column, JSON-decoded), or
+            `None`.
+        hop, first_centre: the frames' timing (`frame_timing`).
+        n_tokens: the padded number of tokens.
+
+    A frame belongs to a word when its centre lies in `[start_s, end_s)`. An utterance whose words cannot be lined
+    up with its pieces (no timings, a word of punctuation only that normalisation removed, an unknown piece) gets
+    empty spans `[0, 0)`: the oracle then gives it no plan and it counts in no padding diagnostic.
+    """
+    spans = torch.zeros(len(texts), n_tokens, 2, dtype=torch.long)
+    for b, (text, example, timing) in enumerate(zip(texts, pieces, words)):
+        indices = piece_word_indices(text, example[:n_tokens])
+        if timing is None or indices is None or len(text.split()) != len(timing):
+            continue
+        for j, word in enumerate(indices):
+            _, start, end = timing[word]
+            spans[b, j, 0] = max(0, math.ceil((start - first_centre) / hop))
+            spans[b, j, 1] = max(0, math.ceil((end - first_centre) / hop))
+    return spans

@@ -121,3 +121,48 @@ def _weights(weights, mask):
     if weights is None:
         return uniform_weights(mask, torch.float32)
     return torch.where(mask, weights.float(), 0.0)
+
+
+def frame_fit_spread(cost: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """How unequally each example's frames fit its transcript, in units of `eps`, shape `(B,)` (NaN without two
+    valid frames and a token).
+
+    A frame's fit is the soft minimum of its costs over the tokens, `-eps log mean_j exp(-C_ij / eps)`; the spread is
+    the standard deviation of the fits over the valid frames, divided by `eps`. The frame-side relaxation can only
+    drop frames that fit clearly worse than the rest: with a spread well below 1 every frame keeps about its share
+    whatever `rho_frames` is, and a cost that does not vary across frames (spread 0) gives a rank-one plan.
+    """
+    frame_mask, token_mask = frame_mask.bool(), token_mask.bool()
+    scaled = (-cost.float() / eps).masked_fill(~token_mask[:, None, :], float("-inf"))
+    n_tokens = token_mask.sum(-1).clamp_min(1).float()
+    fit = -(torch.logsumexp(scaled, dim=-1) - n_tokens.log()[:, None])  # (B, T), in units of eps
+    fit = torch.where(frame_mask, fit, 0.0)
+    n_frames = frame_mask.sum(-1).float()
+    mean = fit.sum(-1) / n_frames.clamp_min(1)
+    variance = (((fit - mean[:, None]) ** 2) * frame_mask).sum(-1) / (n_frames - 1).clamp_min(1)
+    usable = (n_frames > 1) & token_mask.any(-1)
+    return torch.where(usable, variance.sqrt(), float("nan"))
+
+
+def frames_per_token(plan: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The effective number of frames each token pools, `exp(entropy)` of its column of the plan normalised to sum
+    to 1, averaged over the valid tokens with mass; shape `(B,)`. `T / N` for the diagonal plan, `T` when every token
+    pools every frame equally (the rank-one plan of a flat cost)."""
+    plan = plan.float()
+    column = plan / plan.sum(1, keepdim=True).clamp_min(1e-30)
+    entropy = -(column * column.clamp_min(1e-30).log()).sum(1)  # (B, N)
+    counted = token_mask.bool() & (plan.sum(1) > 0)
+    return (entropy.exp() * counted).sum(-1) / counted.sum(-1)
+
+
+def token_discrimination(pooled: torch.Tensor, teacher_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The share of each example's valid tokens `j` whose pooled frames are closer (cosine) to `z_j` than to every
+    other token state of the utterance; shape `(B,)`. A rank-one plan pools the same frames for every token and
+    scores `1 / N` (ties go to the first token), which `1 / token_mask.sum(-1)` gives for comparison."""
+    token_mask = token_mask.bool()
+    pooled = torch.nn.functional.normalize(pooled.float(), dim=-1, eps=1e-8)
+    states = torch.nn.functional.normalize(teacher_states.float(), dim=-1, eps=1e-8)
+    similarity = torch.bmm(pooled, states.transpose(1, 2)).masked_fill(~token_mask[:, None, :], float("-inf"))
+    own = torch.arange(token_mask.shape[1], device=token_mask.device)
+    hits = (similarity.argmax(-1) == own[None, :]) & token_mask
+    return hits.sum(-1) / token_mask.sum(-1)

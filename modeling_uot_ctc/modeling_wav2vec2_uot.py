@@ -17,9 +17,10 @@ from transformers import PreTrainedModel, Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Ve
 from transformers.utils import ModelOutput, logging
 
 from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
-from .costs import cosine_cost
+from .costs import character_anchor_cost, cosine_cost, cost_spread
 from .cuda_graphs import TransferGraphs
-from .diagnostics import alignment_diagnostics
+from .diagnostics import alignment_diagnostics, frame_fit_spread, frames_per_token, token_discrimination
+from .reference_plans import oracle_plan
 from .solver import ALIGNERS
 
 logger = logging.get_logger(__name__)
@@ -53,6 +54,18 @@ class Wav2Vec2UOTOutput(ModelOutput):
         alignment_converged (`torch.FloatTensor` of shape `()`, *optional*):
             The fraction of the batch's examples whose solver met `config.alignment_tol`: below 1, the iteration
             budget (`alignment_max_iter`, or `alignment_graph_iterations` with CUDA graphs) is too small.
+        token_discrimination (`torch.FloatTensor` of shape `()`, *optional*):
+            Batch mean of the share of tokens whose pooled frames are closer to their own teacher state than to any
+            other of the utterance (`modeling_uot_ctc.diagnostics.token_discrimination`); about `1 / N` when the
+            plan is rank one (every token pools the same frames).
+        cost_spread_over_eps (`torch.FloatTensor` of shape `()`, *optional*):
+            Batch mean of how unequally the frames fit the transcript under the solved cost, in units of `eps`
+            (`modeling_uot_ctc.diagnostics.frame_fit_spread`); near or below 1, no frame can drop out.
+        frames_per_token (`torch.FloatTensor` of shape `()`, *optional*):
+            Batch mean of the effective number of frames each token pools.
+        padding_mass (`torch.FloatTensor` of shape `()`, *optional*):
+            Batch mean of the share of the plan's mass on valid frames inside no token's span, when
+            `token_frame_spans` are given (NaN otherwise): the mass on silence and noise.
         hidden_states, attentions:
             As in `Wav2Vec2ForCTC`, when asked for.
     """
@@ -69,6 +82,10 @@ class Wav2Vec2UOTOutput(ModelOutput):
     dropped_frame_fraction: Optional[torch.FloatTensor] = None
     transported_mass: Optional[torch.FloatTensor] = None
     alignment_converged: Optional[torch.FloatTensor] = None
+    token_discrimination: Optional[torch.FloatTensor] = None
+    cost_spread_over_eps: Optional[torch.FloatTensor] = None
+    frames_per_token: Optional[torch.FloatTensor] = None
+    padding_mass: Optional[torch.FloatTensor] = None
 
 
 class Wav2Vec2UOTModel(Wav2Vec2Model):
@@ -186,6 +203,8 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         teacher_hidden_states: Optional[torch.Tensor] = None,
         teacher_attention_mask: Optional[torch.Tensor] = None,
         input_lengths: Optional[torch.Tensor] = None,
+        teacher_token_characters: Optional[torch.Tensor] = None,
+        token_frame_spans: Optional[torch.Tensor] = None,
         transfer_scale: Optional[float] = None,
         output_alignments: bool = False,
         output_attentions: Optional[bool] = None,
@@ -216,9 +235,17 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 their encoders were pretrained on unmasked input. The encoder still sees the zero padding, as in
                 `Wav2Vec2ForCTC`; the CTC loss and the transfer use these lengths, so that padding is never taken
                 for speech. Ignored when `attention_mask` is given.
+            teacher_token_characters (`torch.Tensor` of shape `(batch_size, tokens, vocab_size)`, *optional*):
+                1 where a CTC vocabulary id spells part of a teacher token (`modeling_uot_ctc.data.token_characters`
+                builds it). Needed when `config.alignment_anchor_weight > 0`.
+            token_frame_spans (`torch.LongTensor` of shape `(batch_size, tokens, 2)`, *optional*):
+                `[start, end)` encoder frames of each teacher token's word, from the corpus's word timings
+                (`modeling_uot_ctc.data.token_frame_spans`). Needed by the `"oracle"` aligner; with any aligner they
+                give the `padding_mass` diagnostic.
             transfer_scale (`float`, *optional*, defaults to 1):
                 A factor on the transfer loss for this step, for schedules: `self.transfer_scale(step)` gives the
-                warm-up of `config.kt_warmup_steps`. At 0 the transfer does not run (plain CTC).
+                warm-up of `config.kt_warmup_steps` and the ramp of `config.kt_ramp_steps`. At 0 the transfer does
+                not run (plain CTC).
             output_alignments (`bool`, *optional*, defaults to `False`):
                 Return the transport plans in `alignments`.
         """
@@ -262,14 +289,15 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             acoustic = hidden_states if tap_layer == -1 else outputs.hidden_states[tap_layer]
             frame_mask = self._frame_mask(acoustic.shape[1], sample_mask)
             transfer_inputs = (acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask)
-        transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states)
+            extras = self._transfer_extras(logits, teacher_token_characters, token_frame_spans)
+        transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states, extras)
         if transfer_first:
-            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
+            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs, extras)
         ctc_loss = None
         if labels is not None:
             ctc_loss = self._ctc_loss(logits, labels, input_values, sample_mask)
         if run_transfer and not transfer_first:
-            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs)
+            kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs, extras)
 
         loss = None
         if ctc_loss is not None:
@@ -290,10 +318,10 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         config = self.config
         if teacher_hidden_states is None or config.aligner == "none" or config.kt_weight == 0:
             return False
-        if config.aligner not in ALIGNERS:
+        if config.aligner not in ALIGNERS and config.aligner != "oracle":
             raise ValueError(
-                f"Unknown aligner {config.aligner!r}: choose one of {sorted(ALIGNERS) + ['none']} or register yours "
-                "with modeling_uot_ctc.solver.register_aligner."
+                f"Unknown aligner {config.aligner!r}: choose one of {sorted(ALIGNERS) + ['oracle', 'none']} or "
+                "register yours with modeling_uot_ctc.solver.register_aligner."
             )
         if teacher_hidden_states.shape[-1] != config.teacher_hidden_size:
             raise ValueError(
@@ -310,8 +338,37 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
 
     def transfer_scale(self, step: Optional[int]) -> float:
         """The `transfer_scale` of `forward` at optimiser step `step` (counted from 0): 0 during the warm-up of
-        `config.kt_warmup_steps`, 1 from then on, and 1 when `step` is None."""
-        return 1.0 if step is None or step >= self.config.kt_warmup_steps else 0.0
+        `config.kt_warmup_steps`, then `k / kt_ramp_steps` at the `k`-th step after it (`k` from 1) until it reaches
+        1; 1 when `step` is None."""
+        if step is None:
+            return 1.0
+        after_warmup = step - self.config.kt_warmup_steps
+        if after_warmup < 0:
+            return 0.0
+        ramp = self.config.kt_ramp_steps
+        return 1.0 if ramp == 0 else min(1.0, (after_warmup + 1) / ramp)
+
+    def _transfer_extras(self, logits, teacher_token_characters, token_frame_spans) -> dict:
+        """The inputs of the transfer beyond frames and teacher states, checked against the config."""
+        config = self.config
+        extras = {}
+        if config.alignment_anchor_weight > 0:
+            if teacher_token_characters is None:
+                raise ValueError(
+                    "config.alignment_anchor_weight > 0 needs `teacher_token_characters` in forward (the CTC "
+                    "vocabulary ids that spell each teacher token; modeling_uot_ctc.data.token_characters)."
+                )
+            log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32)
+            extras["log_probs"] = log_probs if config.alignment_anchor_gradient else log_probs.detach()
+            extras["token_characters"] = teacher_token_characters.to(logits.device)
+        if config.aligner == "oracle" and token_frame_spans is None:
+            raise ValueError(
+                "The 'oracle' aligner needs `token_frame_spans` in forward (each token's word span in frames, from "
+                "word timings; modeling_uot_ctc.data.token_frame_spans)."
+            )
+        if token_frame_spans is not None:
+            extras["token_frame_spans"] = token_frame_spans.to(logits.device)
+        return extras
 
     def _ctc_loss(self, logits, labels, input_values, attention_mask):
         # Wav2Vec2ForCTC's own formula, written out: transformers releases route the parent's loss differently
@@ -358,15 +415,17 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             return None
         return self._get_feature_vector_attention_mask(n_frames, attention_mask).bool()
 
-    def _transfer_graphs_apply(self, hidden_states: torch.Tensor) -> bool:
-        """Whether the transfer runs from captured CUDA graphs (`config.kt_cuda_graphs`) in this forward pass."""
+    def _transfer_graphs_apply(self, hidden_states: torch.Tensor, extras: Optional[dict] = None) -> bool:
+        """Whether the transfer runs from captured CUDA graphs (`config.kt_cuda_graphs`) in this forward pass: not
+        when it reads more than frames and teacher states (the anchor, the oracle's spans), which run eagerly."""
         return (
             self.config.kt_cuda_graphs and self.training and hidden_states.is_cuda and torch.is_grad_enabled()
+            and not extras
             # nn.DataParallel's replicas share this module's attributes across threads and devices.
             and not getattr(self, "_is_replica", False)
         )
 
-    def _transfer_loss(self, acoustic, frame_mask, teacher_states, teacher_mask):
+    def _transfer_loss(self, acoustic, frame_mask, teacher_states, teacher_mask, extras: Optional[dict] = None):
         """Align adapted frames with teacher tokens and return `(kt_loss, plans, diagnostics)`."""
         batch, n_frames = acoustic.shape[:2]
         if frame_mask is None:
@@ -379,10 +438,21 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
         frames = self.kt_adapter(acoustic)
         teacher_states = teacher_states.to(frames.device)
         config = self.config
+        extras = dict(extras or {})
+        spans = extras.pop("token_frame_spans", None)
+        aligner = (
+            functools.partial(oracle_plan, token_frame_spans=spans) if config.aligner == "oracle"
+            else ALIGNERS[config.aligner]
+        )
+        settings = dict(
+            kt_loss_type=config.kt_loss_type, kt_temperature=config.kt_temperature,
+            teacher_centering=config.teacher_centering, anchor_weight=config.alignment_anchor_weight,
+            cost_scale=config.alignment_cost_scale,
+        )
         graphed = None
-        if self._transfer_graphs_apply(frames) and frames.requires_grad:
+        if self._transfer_graphs_apply(frames, extras) and spans is None and frames.requires_grad:
             terms = functools.partial(
-                transfer_terms, aligner=ALIGNERS[config.aligner], kt_loss_type=config.kt_loss_type,
+                transfer_terms, aligner=aligner, **settings,
                 solver_settings={**config.solver_settings, "max_iter": config.alignment_graph_iterations},
             )
             if self._transfer_graphs is None or self._transfer_graphs.terms.keywords != terms.keywords:
@@ -392,15 +462,48 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             kt_loss, plans, stats = graphed
         else:
             kt_loss, plans, stats = transfer_terms(
-                frames, frame_mask, teacher_states, token_mask, aligner=ALIGNERS[config.aligner],
-                solver_settings=config.solver_settings, kt_loss_type=config.kt_loss_type,
+                frames, frame_mask, teacher_states, token_mask, aligner=aligner,
+                solver_settings=config.solver_settings, token_frame_spans=spans, **settings, **extras,
             )
-        coverage, dropped, mass, converged = stats.unbind()
-        diagnostics = dict(
-            token_coverage=coverage, dropped_frame_fraction=dropped, transported_mass=mass,
-            alignment_converged=converged,
-        )
+        diagnostics = dict(zip(TRANSFER_STATS, stats.unbind()))
         return kt_loss, plans, diagnostics
+
+
+# The order of the `stats` that `transfer_terms` returns: fields of `Wav2Vec2UOTOutput`.
+TRANSFER_STATS = (
+    "token_coverage", "dropped_frame_fraction", "transported_mass", "alignment_converged", "token_discrimination",
+    "cost_spread_over_eps", "frames_per_token", "padding_mass",
+)
+
+
+def alignment_cost(
+    frames: torch.Tensor,
+    teacher_states: torch.Tensor,
+    frame_mask: torch.Tensor,
+    token_mask: torch.Tensor,
+    *,
+    anchor_weight: float = 0.0,
+    cost_scale: str = "none",
+    log_probs: Optional[torch.Tensor] = None,
+    token_characters: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The cost the aligner solves: the cosine cost between adapted frames and (transformed) teacher states, blended
+    with the acoustic anchor (`(1 - anchor_weight) * cosine + anchor_weight * anchor`, see
+    `Wav2Vec2UOTConfig.alignment_anchor_weight`), then scaled as `cost_scale` says. Shape `(B, T, N)`, float32."""
+    cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+    if anchor_weight > 0:
+        anchor = character_anchor_cost(log_probs, token_characters, frame_mask, token_mask)
+        cost = (1.0 - anchor_weight) * cost + anchor_weight * anchor
+    if cost_scale == "std":
+        cost = cost / cost_spread(cost.detach(), frame_mask, token_mask)[:, None, None]
+    return cost
+
+
+def centred_states(teacher_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Each utterance's valid teacher states minus their mean (`teacher_centering="utterance"`); zero on padding."""
+    weights = token_mask.to(teacher_states.dtype)[:, :, None]
+    mean = (teacher_states * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+    return (teacher_states - mean) * weights
 
 
 def transfer_terms(
@@ -412,6 +515,13 @@ def transfer_terms(
     aligner: Callable,
     solver_settings: dict,
     kt_loss_type: str = "cosine",
+    kt_temperature: float = 0.1,
+    teacher_centering: str = "none",
+    anchor_weight: float = 0.0,
+    cost_scale: str = "none",
+    log_probs: Optional[torch.Tensor] = None,
+    token_characters: Optional[torch.Tensor] = None,
+    token_frame_spans: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The transfer after the adapter: cost, plan, pooled frames, loss and diagnostics.
 
@@ -424,18 +534,26 @@ def transfer_terms(
         frame_mask (`torch.BoolTensor` of shape `(B, T)`): `True` on valid frames.
         teacher_states (`torch.Tensor` of shape `(B, N, D)`): the teacher's token states; padding may hold anything.
         token_mask (`torch.BoolTensor` of shape `(B, N)`): `True` on valid tokens.
-        aligner: an entry of `modeling_uot_ctc.solver.ALIGNERS`.
+        aligner: an entry of `modeling_uot_ctc.solver.ALIGNERS`, or any function of that signature.
         solver_settings: its keyword arguments (`Wav2Vec2UOTConfig.solver_settings`).
-        kt_loss_type: `"cosine"` or `"cosine+transport"` (see the config).
+        kt_loss_type, kt_temperature, teacher_centering: as in the config.
+        anchor_weight, cost_scale: the config's `alignment_anchor_weight` and `alignment_cost_scale`.
+        log_probs (`(B, T, V)`), token_characters (`(B, N, V)`): the anchor's inputs, when `anchor_weight > 0`.
+        token_frame_spans (`(B, N, 2)`, *optional*): each token's word span in frames, for the `padding_mass`
+            diagnostic (NaN without them).
 
     Returns:
-        `(kt_loss, plans, stats)`: the loss `()`, the plans `(B, T, N)` in float32, and `stats` `(4,)` holding the
-        batch means of token coverage, dropped-frame fraction and transported mass, and the fraction of examples
-        whose solver converged.
+        `(kt_loss, plans, stats)`: the loss `()`, the plans `(B, T, N)` in float32, and `stats`, the batch means of
+        the diagnostics named in `TRANSFER_STATS`, in that order.
     """
     # Padded teacher positions may hold anything; zeros keep them out of every sum below.
     teacher_states = torch.where(token_mask[:, :, None], teacher_states.to(frames.dtype), 0.0)
-    cost = cosine_cost(frames, teacher_states, frame_mask, token_mask)
+    if teacher_centering == "utterance":
+        teacher_states = centred_states(teacher_states, token_mask)
+    cost = alignment_cost(
+        frames, teacher_states, frame_mask, token_mask, anchor_weight=anchor_weight, cost_scale=cost_scale,
+        log_probs=log_probs, token_characters=token_characters,
+    )
     result = aligner(cost, frame_mask, token_mask, **solver_settings)
 
     # The pooling and the loss run in float32 whatever the training precision: plan entries are about 1 / (T N) and
@@ -446,26 +564,66 @@ def transfer_terms(
         # Each token's acoustic counterpart: the plan-weighted mean of the frames that transport to it.
         token_mass = plans.sum(1)  # (B, N)
         pooled = torch.bmm(plans.transpose(1, 2), frames) / token_mass.clamp_min(1e-30)[:, :, None]
-        similarity = nn.functional.normalize(pooled, dim=-1, eps=1e-8) * nn.functional.normalize(
-            teacher_states, dim=-1, eps=1e-8
-        )
-        distance = 1.0 - similarity.sum(-1)
+        pooled_unit = nn.functional.normalize(pooled, dim=-1, eps=1e-8)
+        states_unit = nn.functional.normalize(teacher_states, dim=-1, eps=1e-8)
         n_tokens = token_mask.sum(-1)
-        per_example = (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
+        per_example = torch.zeros(frames.shape[0], device=frames.device)
+        if kt_loss_type in ("cosine", "cosine+transport", "cosine+infonce"):
+            distance = 1.0 - (pooled_unit * states_unit).sum(-1)
+            per_example = per_example + (distance * token_mask).sum(-1) / n_tokens.clamp_min(1)
         if kt_loss_type == "cosine+transport":
             per_example = per_example + (cost * plans).sum((1, 2))
-        has_tokens = (n_tokens > 0) & frame_mask.any(-1)
-        kt_loss = (per_example * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+        if kt_loss_type in ("infonce", "cosine+infonce"):
+            per_example = per_example + _contrastive_loss(pooled_unit, states_unit, token_mask, kt_temperature)
+        # An example counts when it has tokens, frames, and a plan (the oracle gives none without word timings).
+        has_tokens = (n_tokens > 0) & frame_mask.any(-1) & (token_mass.sum(-1) > 0)
+        kt_loss = torch.where(has_tokens, per_example, 0.0).sum() / has_tokens.sum().clamp_min(1)
 
     diagnostics = alignment_diagnostics(result.plan, frame_mask, token_mask)
+    with torch.no_grad():
+        eps = solver_settings.get("eps", 1.0)
+        discrimination = token_discrimination(pooled.detach(), teacher_states, token_mask)
+        spread = frame_fit_spread(cost.detach(), frame_mask, token_mask, eps)
+        per_token = frames_per_token(plans.detach(), token_mask)
+        if token_frame_spans is not None:
+            positions = torch.arange(frames.shape[1], device=frames.device)[None, :, None]
+            spans = token_frame_spans.to(frames.device)
+            in_word = ((positions >= spans[:, None, :, 0]) & (positions < spans[:, None, :, 1]) & token_mask[:, None, :])
+            outside = frame_mask & ~in_word.any(-1)
+            padding = (plans.detach().sum(-1) * outside).sum(-1) / plans.detach().sum((1, 2)).clamp_min(1e-30)
+        else:
+            padding = torch.full_like(per_example, float("nan"))
+
+    def batch_mean(values):
+        # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
+        usable = has_tokens & ~values.isnan()
+        return (torch.where(usable, values, 0.0)).sum() / usable.sum()
+
     stats = torch.stack([
         diagnostics.token_coverage.nanmean(),
         diagnostics.dropped_frame_fraction.nanmean(),
-        # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
-        (diagnostics.total_mass * has_tokens).sum() / has_tokens.sum(),
-        (result.converged * has_tokens).sum() / has_tokens.sum(),
+        batch_mean(diagnostics.total_mass),
+        batch_mean(result.converged.float()),
+        batch_mean(discrimination.float()),
+        batch_mean(spread),
+        batch_mean(per_token),
+        batch_mean(padding),
     ])
     return kt_loss, plans, stats
+
+
+def _contrastive_loss(pooled_unit, states_unit, token_mask, temperature: float) -> torch.Tensor:
+    """Per example, the mean over its valid tokens of the cross-entropy of `cos(xhat_j, z_k) / temperature` over every
+    valid token `k` of the batch, the target being its own state; shape `(B,)`."""
+    batch, n_tokens, width = states_unit.shape
+    candidates = states_unit.reshape(batch * n_tokens, width)
+    logits = torch.matmul(pooled_unit, candidates.t()) / temperature  # (B, N, B N)
+    logits = logits.masked_fill(~token_mask.reshape(1, 1, -1), float("-inf"))
+    own = torch.arange(batch * n_tokens, device=logits.device).reshape(batch, n_tokens)
+    log_probs = logits.log_softmax(-1)
+    loss = -log_probs.gather(-1, own[:, :, None]).squeeze(-1)  # (B, N); padding rows are -inf - (-inf): masked
+    loss = torch.where(token_mask, loss, 0.0)
+    return loss.sum(-1) / token_mask.sum(-1).clamp_min(1)
 
 
 def _not_convertible(source: str, model_type) -> str:

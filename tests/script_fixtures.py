@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import soundfile
@@ -52,8 +53,9 @@ def speech_like(text, rng, rate=16_000):
     return np.concatenate(pieces)
 
 
-def write_corpus(root, seed=0):
-    """An audiofolder (train/ and test/ with metadata.csv) and JSONL manifests pointing at the same files."""
+def write_corpus(root, seed=0, word_timings=False):
+    """An audiofolder (train/ and test/ with metadata.csv) and JSONL manifests pointing at the same files; with
+    `word_timings`, a `words` column as the project's corpora write it (`speech_like` gives each character 70 ms)."""
     rng = np.random.default_rng(seed)
     splits = {"train": SENTENCES[:8], "test": SENTENCES[8:]}
     for split, sentences in splits.items():
@@ -64,8 +66,14 @@ def write_corpus(root, seed=0):
             name = f"{split}_{k:03d}.wav"
             soundfile.write(os.path.join(folder, name), speech_like(sentence, rng), 16_000)
             rows.append({"file_name": name, "text": sentence.upper() + "."})
+            if word_timings:
+                starts = [m.start() for m in re.finditer(r"\S+", sentence)]
+                ends = [m.end() for m in re.finditer(r"\S+", sentence)]
+                words = [[w, 0.07 * a, 0.07 * e] for w, a, e in zip(sentence.split(), starts, ends)]
+                words[-1][0] += "."
+                rows[-1]["words"] = json.dumps(words)
         with open(os.path.join(folder, "metadata.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         with open(os.path.join(root, f"{split}.jsonl"), "w") as handle:

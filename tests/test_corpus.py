@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import soundfile
 
 from modeling_uot_ctc.corpus import (
@@ -115,3 +116,20 @@ def test_padding_keeps_speech_and_shifts_timings(tmp_path):
                 assert abs(s1 - (s0 + lead)) < 1e-3 and abs(e1 - (e0 + lead)) < 1e-3
     again = pad_corpus(str(tmp_path / "clean"), str(tmp_path / "again"), seed=5, noise_share=1.0, progress=False)
     assert again == counts and digest(tmp_path / "padded") == digest(tmp_path / "again")
+
+
+def test_base_and_target_corpora_share_no_sentence_accent_or_voice_variant():
+    """The transfer experiments' target stands for speakers the base model never heard, saying new sentences."""
+    sentences = clean_sentences(f"sentence {a} number {b} here" for a in "abcdefghij" for b in "abcdefghij")
+    base = plan_corpus(sentences, utterances=60, seed=4, test_fraction=0.1, voices="base")
+    target = plan_corpus(sentences, utterances=30, seed=4, test_fraction=1 / 3, voices="target", skip_sentences=60)
+    assert not {u.text for u in base} & {u.text for u in target}
+    accents = lambda plan: {u.voice.split("+")[0] for u in plan}  # noqa: E731
+    variants = lambda plan: {u.voice.split("+")[1] for u in plan}  # noqa: E731
+    assert not accents(base) & accents(target) and not variants(base) & variants(target)
+    assert all(u.seen_voice for u in base + target)  # no held-out voices inside either corpus
+    assert sum(u.split == "test" for u in target) == 10
+    # The demo's corpus is unchanged by the new arguments' defaults.
+    assert plan_corpus(sentences, 40, 1) == plan_corpus(sentences, 40, 1, voices="demo", skip_sentences=0)
+    with pytest.raises(ValueError, match="only 100"):
+        plan_corpus(sentences, utterances=50, seed=4, skip_sentences=60)

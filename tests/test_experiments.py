@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+
+from modeling_uot_ctc.data import frame_timing
+from modeling_uot_ctc.diagnostics import frame_fit_spread
 from transformers import BertTokenizerFast, pipeline
 
 import report
@@ -28,13 +31,21 @@ def test_every_row_is_a_valid_script_command():
         assert transfer_args.aligner == row.flags["aligner"]
         for key, value in row.flags.items():
             assert getattr(transfer_args, key) == value
-        expected_dir = "data/demo_corpus_padded" if row.regime == "padded" else "data/demo_corpus"
+        expected_dir = {"padded": "data/demo_corpus_padded", "target": "data/transfer_target"}.get(
+            row.regime, "data/demo_corpus"
+        )
         assert data_args.data_dir == expected_dir
         assert data_args.max_train_samples == (
             experiments.LOW_RESOURCE_SAMPLES if row.regime == "low-resource" else None
         )
-        assert training_args.max_steps == 800  # equal steps for every row
+        if row.regime == "target":
+            # Every stage-2 row fine-tunes the stage-1 base model for the same number of steps.
+            assert model_args.model_name_or_path == "outputs/transfer/base/plain"
+            assert training_args.max_steps == 200 and row.seeds == (0, 1, 2, 3, 4)
+        else:
+            assert training_args.max_steps == 800  # equal steps for every row
         names.add(row.name)
+    assert {"target_ctc", "target_oracle", "target_diagonal", "target_uot_cosine", "target_uot_anchor"} <= names
     # The rows: CTC, balanced OT, temporal-order OT, several rho_frames, a kt_weight sweep, both hard regimes.
     for name in (
         "ctc",
@@ -69,10 +80,10 @@ def test_frame_timing_follows_the_front_end():
 
     # wav2vec2-base: 400-sample receptive field, 320-sample hop (20 ms), first centre at 199.5 samples.
     base = SimpleNamespace(conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2])
-    assert experiments.frame_timing(base) == pytest.approx((0.02, 199.5 / 16_000))
+    assert frame_timing(base) == pytest.approx((0.02, 199.5 / 16_000))
     # configs/experiments.yaml: kernels 20, 8, 4, 4, strides 10, 4, 4, 2: 20 + 7*10 + 3*40 + 3*160 = 690 samples.
     small = SimpleNamespace(conv_kernel=[20, 8, 4, 4], conv_stride=[10, 4, 4, 2])
-    assert experiments.frame_timing(small) == pytest.approx((0.02, 344.5 / 16_000))
+    assert frame_timing(small) == pytest.approx((0.02, 344.5 / 16_000))
 
 
 def test_word_pieces_map_to_whitespace_words(tmp_path):
@@ -278,7 +289,7 @@ def test_frame_fit_spread_is_zero_for_equal_frames_and_grows_with_a_misfit():
     cost = torch.full((2, 4, 3), 0.5)
     cost[1, 3] = 0.5 + 4 * eps  # one frame fits every token 4 eps worse than the others
     masks = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
-    spreads = experiments.frame_fit_spreads(cost, *masks, eps)
+    spreads = frame_fit_spread(cost, *masks, eps).tolist()
     assert spreads[0] == pytest.approx(0.0, abs=1e-6)
     assert spreads[1] == pytest.approx(float(torch.tensor([0.0, 0.0, 0.0, 4.0]).std()), rel=1e-5)
 

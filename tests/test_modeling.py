@@ -439,7 +439,7 @@ def test_transfer_loss_never_waits_for_the_gpu():
     assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("kt_loss_type", ["cosine", "cosine+transport"])
+@pytest.mark.parametrize("kt_loss_type", ["cosine", "cosine+transport", "infonce", "cosine+infonce"])
 def test_transfer_terms_do_not_see_padding(kt_loss_type):
     """What the CUDA graphs rely on: padding frames and tokens beyond the masks, with anything in them, changes
     neither the loss, nor the diagnostics, nor the plans, nor the gradient of the valid frames."""
@@ -452,14 +452,18 @@ def test_transfer_terms_do_not_see_padding(kt_loss_type):
         teacher = torch.full((3, n_tokens, width), fill, dtype=torch.float64)
         frame_mask = torch.zeros(3, n_frames, dtype=torch.bool)
         token_mask = torch.zeros(3, n_tokens, dtype=torch.bool)
+        # Word spans: padding tokens claim every frame, which must not count.
+        spans = torch.tensor([0, n_frames]).repeat(3, n_tokens, 1)
         for k, (t, n) in enumerate(zip(frame_counts, token_counts)):
             frames[k, :t], teacher[k, :n] = valid_frames[k, :t], valid_teacher[k, :n]
             frame_mask[k, :t], token_mask[k, :n] = True, True
+            spans[k, :n] = torch.tensor([[1 + j, 3 + j] for j in range(n)])
         frames.requires_grad_(True)
         kt_loss, plans, stats = transfer_terms(
             frames, frame_mask, teacher, token_mask, aligner=solve_uot, solver_settings=settings,
-            kt_loss_type=kt_loss_type,
+            kt_loss_type=kt_loss_type, token_frame_spans=spans,
         )
+        assert not stats.isnan().any()
         kt_loss.backward()
         return kt_loss, plans[:, : max(frame_counts), : max(token_counts)], stats, frames.grad
 
