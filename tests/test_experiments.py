@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from transformers import BertTokenizerFast, pipeline
 
 from modeling_uot_ctc.data import frame_timing
 from modeling_uot_ctc.diagnostics import frame_fit_spread
-from transformers import BertTokenizerFast, pipeline
 
 import report
 import run_experiments as experiments
@@ -31,17 +31,19 @@ def test_every_row_is_a_valid_script_command():
         assert transfer_args.aligner == row.flags["aligner"]
         for key, value in row.flags.items():
             assert getattr(transfer_args, key) == value
-        expected_dir = {"padded": "data/demo_corpus_padded", "target": "data/transfer_target"}.get(
-            row.regime, "data/demo_corpus"
-        )
+        expected_dir = {
+            "padded": "data/demo_corpus_padded", "target": "data/transfer_target",
+            "target-tune": "data/transfer_target_tune",
+        }.get(row.regime, "data/demo_corpus")
         assert data_args.data_dir == expected_dir
         assert data_args.max_train_samples == (
             experiments.LOW_RESOURCE_SAMPLES if row.regime == "low-resource" else None
         )
-        if row.regime == "target":
+        if row.regime.startswith("target"):
             # Every stage-2 row fine-tunes the stage-1 base model for the same number of steps.
             assert model_args.model_name_or_path == "outputs/transfer/base/plain"
-            assert training_args.max_steps == 200 and row.seeds == (0, 1, 2, 3, 4)
+            assert training_args.max_steps == 200
+            assert row.seeds == ((0, 1, 2, 3, 4) if row.regime == "target" else (0, 1))
         else:
             assert training_args.max_steps == 800  # equal steps for every row
         names.add(row.name)
@@ -325,3 +327,26 @@ def test_a_run_another_runner_holds_is_skipped(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):  # the fake subprocess writes no metrics
         experiments.run_one(experiments.ROWS["ctc"], 0, log=lambda _: None)
     assert len(calls) == 2 and not (folder / "running.pid").exists()
+
+
+def test_the_tuning_split_holds_out_training_utterances_only(tmp_path):
+    """Settings are chosen on utterances of the target's training split, never on its test split."""
+    source = tmp_path / "target"
+    for split, count in (("train", 12), ("test", 4)):
+        (source / split).mkdir(parents=True)
+        for k in range(count):
+            soundfile.write(str(source / split / f"{split}_{k:02d}.wav"), np.zeros(1600, dtype=np.float32), 16_000)
+        with open(source / split / "metadata.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows({"file_name": f"{split}_{k:02d}.wav", "text": f"t {k}"} for k in range(count))
+    experiments.write_tuning_split(str(source), str(tmp_path / "tune"), n_valid=3)
+    split_files = {}
+    for split in ("train", "test"):
+        with open(tmp_path / "tune" / split / "metadata.csv", newline="") as handle:
+            names = [row["file_name"] for row in csv.DictReader(handle)]
+        # Each path leads to an existing file of the source's training split.
+        assert all(os.path.isfile(tmp_path / "tune" / split / name) and "/train/train_" in name for name in names)
+        split_files[split] = {os.path.basename(name) for name in names}
+    assert len(split_files["test"]) == 3 and len(split_files["train"]) == 9
+    assert not split_files["test"] & split_files["train"]
