@@ -223,3 +223,106 @@ def write_report(found, rows, output: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     print(f"wrote {path} and {output}/results/*.png ({sum(len(v) for v in found.values())} runs)")
+
+
+TRANSFER_START, TRANSFER_END = "<!-- transfer-table:start -->", "<!-- transfer-table:end -->"
+
+
+def relative_cell(differences, baseline_values) -> str:
+    """The paired CER change as a share of the baseline's mean CER, with its 95 % interval."""
+    if len(differences) < 2 or not baseline_values:
+        return "–"
+    base = np.mean(baseline_values)
+    low, high = t_interval(differences)
+    return f"{np.mean(differences) / base:+.1%} (95 % CI {low / base:+.1%} to {high / base:+.1%})"
+
+
+def transfer_table(found, rows, regime: str, baseline: str) -> str:
+    """Stage 2: CER and WER of each row against CTC only (paired by seed), and its plans against the word timings:
+    precision, recall, dropped frames, mass on the padding, token discrimination (its chance level beside it)."""
+    lines = [
+        "| row | seeds | CER | WER | ΔCER vs CTC, paired by seed | ΔCER relative | plan precision | plan recall "
+        "| dropped frames | mass on padding | token discrimination (chance) | frames per token | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_cer = [m["cer"] for m in found.get(baseline, {}).values()]
+    for row in (r for r in rows.values() if r.regime == regime):
+        runs = found.get(row.name, {})
+        if not runs:
+            lines.append(f"| {row.name} | 0 | not run yet | | | | | | | | | | `{row.command}` |")
+            continue
+        values = list(runs.values())
+        pick = lambda key: [m.get(key) for m in values]  # noqa: E731
+        aligned = [m for m in values if "alignment" in m]
+        align = lambda key: [m["alignment"].get(key) for m in aligned]  # noqa: E731
+        tool = lambda key: [m.get("instruments", {}).get(key) for m in aligned]  # noqa: E731
+        differences = paired_difference(found, row.name, baseline, "cer") if row.name != baseline else []
+        cells = [
+            str(len(runs)), mean_spread(pick("cer")), mean_spread(pick("wer")),
+            paired_cell(differences) if differences else "–", relative_cell(differences, base_cer),
+        ]
+        if aligned:
+            cells += [mean_spread(align(k)) for k in ("precision", "recall", "dropped", "mass_outside_words")]
+            cells.append(f"{mean_spread(tool('token_discrimination'))} ({np.mean(tool('discrimination_chance')):.2f})")
+            cells.append(mean_spread(tool("frames_per_token")))
+        else:
+            cells += ["–"] * 6
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | `{row.command}` |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_plans_line(found, row_name: str) -> str:
+    """The precision and recall of the two plans that know nothing about the sound, on the same utterances."""
+    runs = [m for m in found.get(row_name, {}).values() if "alignment_diagonal" in m]
+    if not runs:
+        return ""
+    parts = []
+    for key, label in (("alignment_diagonal", "diagonal plan"), ("alignment_temporal_prior", "temporal-order plan")):
+        scores = [m[key] for m in runs if key in m]
+        if scores:
+            parts.append(
+                f"{label}: precision {np.mean([s['precision'] for s in scores]):.3f}, recall "
+                f"{np.mean([s['recall'] for s in scores]):.3f}, mass on padding "
+                f"{np.mean([s['mass_outside_words'] for s in scores]):.3f}"
+            )
+    return "Plans that ignore the sound, on the same utterances: " + "; ".join(parts) + ".\n"
+
+
+def base_line(base_metrics) -> str:
+    if not base_metrics:
+        return "Stage 1: not run yet (`python experiments/run_experiments.py base`).\n"
+    return (
+        f"Stage 1 base model on its own test split ({base_metrics['test_utterances']} held-out sentences, voices "
+        f"heard in training): CER {base_metrics['cer']:.3f}, WER {base_metrics['wer']:.3f} "
+        f"(`python experiments/run_experiments.py base`).\n"
+    )
+
+
+def write_transfer_report(found, rows, base_metrics, output: str) -> None:
+    """Write the transfer experiments' tables into `<output>/RESULTS.md` between their markers, and the
+    degree-of-matching plot of the chosen row into `<output>/results/`."""
+    os.makedirs(os.path.join(output, "results"), exist_ok=True)
+    curve_rows = ["target_uot_anchor"]
+    plot_degree_of_matching(found, curve_rows, os.path.join(output, "results", "transfer_degree_of_matching.png"))
+    generated = (
+        f"{TRANSFER_START}\n<!-- written by `python experiments/run_experiments.py transfer-report`; edit the prose "
+        "only -->\n\n"
+        + base_line(base_metrics)
+        + "\n#### Stage 2 on the target's test split (200 utterances, five seeds)\n\n"
+        + transfer_table(found, rows, "target", "target_ctc")
+        + "\n"
+        + reference_plans_line(found, "target_uot_anchor")
+        + "\n#### Degree of matching on the chosen row's own costs (test split)\n\n"
+        + sweep_table(found, curve_rows)
+        + "\n#### Choosing the settings: every variant on the validation split (100 training utterances held out)\n\n"
+        + transfer_table(found, rows, "target-tune", "tune_ctc")
+        + f"\n{TRANSFER_END}"
+    )
+    path = os.path.join(output, "RESULTS.md")
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
+    if TRANSFER_START not in text:
+        text += f"\n{TRANSFER_START}\n{TRANSFER_END}\n"
+    text = re.sub(re.escape(TRANSFER_START) + ".*?" + re.escape(TRANSFER_END), lambda _: generated, text, flags=re.S)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(f"wrote {path} and {output}/results/transfer_degree_of_matching.png")

@@ -695,6 +695,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     report = commands.add_parser("report", help="write the tables and plots of docs/RESULTS.md")
     report.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     report.add_argument("--output", default="docs")
+    transfer_report = commands.add_parser("transfer-report", help="write the transfer tables of docs/RESULTS.md")
+    transfer_report.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
     RUNS_DIR = args.runs_dir
 
@@ -727,6 +729,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         from report import write_report  # experiments/report.py
 
         write_report(load_run_metrics(list(ROWS.values()), args.seeds), ROWS, args.output)
+    elif args.command == "transfer-report":
+        from report import write_transfer_report  # experiments/report.py
+
+        rows = {name: row for name, row in ROWS.items() if row.regime.startswith("target")}
+        found = {}
+        for seeds, group in _by_seeds(list(rows.values()), None):
+            found.update(load_run_metrics(group, seeds))
+        base_path = os.path.join(BASE_DIR, "experiment_metrics.json")
+        base = json.load(open(base_path, encoding="utf-8")) if os.path.isfile(base_path) else None
+        write_transfer_report(found, rows, base, args.output)
 
 
 if __name__ == "__main__":
