@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Any other torch request pulls a multi-GB CUDA build on the machines this project is developed on.
 TORCH := torch==2.13.0
 
-.PHONY: install test test-slow demo experiments bench clean
+.PHONY: install test test-slow demo experiments transfer-experiments bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,15 @@ data/demo_corpus_padded/train/metadata.csv: data/demo_corpus/train/metadata.csv
 	$(BIN)/python -m modeling_uot_ctc.corpus --pad-from data/demo_corpus --output data/demo_corpus_padded --seed 0
 
 experiments: data/demo_corpus_padded/train/metadata.csv
-	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py run --jobs 2
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py run --regimes clean padded low-resource --jobs 2
 	$(BIN)/python experiments/run_experiments.py report
+
+# The transfer experiments (docs/RESULTS.md): corpora, the stage-1 base model, every stage-2 variant on the validation
+# split, the table's rows on the test split, then the report. Resumable: what is done is read back.
+transfer-experiments: install
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py base
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py run --regimes target-tune target --jobs 2
+	$(BIN)/python experiments/run_experiments.py transfer-report
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
