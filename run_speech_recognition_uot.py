@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -532,9 +531,11 @@ class UOTTrainer(Trainer):
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._sums:
             for name, (total, count) in self._sums.items():
-                mean = float(self.accelerator.reduce(total / count, reduction="mean"))
-                if not math.isnan(mean):
-                    logs[name] = round(mean, 6)
+                # Sums over processes, then the mean: a process without a defined value adds nothing.
+                total = self.accelerator.reduce(torch.as_tensor(total, dtype=torch.float32), reduction="sum")
+                count = self.accelerator.reduce(torch.as_tensor(count, dtype=torch.float32), reduction="sum")
+                if float(count) > 0:
+                    logs[name] = round(float(total / count), 6)
             self._sums = {}
         super().log(logs, start_time)
 

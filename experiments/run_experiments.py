@@ -467,11 +467,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
             predictions[row["file_name"]] = processor.decode(ids[: int(length)])
         if not aligned:
             continue
-        if outputs.kt_loss is not None:  # an utterance the oracle could not time gives no plan
-            for name, values in instruments.items():
-                value = float(getattr(outputs, name))
-                if not math.isnan(value):
-                    values.append(value)
+        # (Batches of one utterance: the model's batch means are that utterance's values. An utterance the oracle
+        # could not time has no plan, and its values are NaN.)
+        for name, values in instruments.items():
+            value = float(getattr(outputs, name))
+            if not math.isnan(value):
+                values.append(value)
+        if not math.isnan(float(outputs.token_discrimination)):
             chance.append(1.0 / float(states.attention_mask.sum()))
 
         # The plan the model trains with, a no-information plan, and the model's costs solved over the grid.

@@ -61,7 +61,8 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
             `"std"` divides each example's cost by its standard deviation over the valid cells before solving, so
             that `alignment_eps` is measured in units of the cost's spread rather than of the cosine distance (a
             cosine cost spreads over about 0.05, an anchor over about 0.3). `"none"` solves the cost as it is.
-            With tokens hard, only the scale matters: a constant shift of the cost changes no plan.
+            With tokens hard, only the scale matters: a constant shift of the cost changes no plan. The solver adds
+            the temporal prior after the scaling, so `temporal_order_weight` is then in units of the spread too.
         teacher_centering (`str`, *optional*, defaults to `"none"`):
             `"utterance"` subtracts from each teacher state the mean state of its utterance before the cost and
             the loss: the direction all states share (cosine about 0.2 with each MiniLM state) then no longer

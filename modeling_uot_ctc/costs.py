@@ -107,7 +107,10 @@ def character_anchor_cost(
     Returns:
         `torch.Tensor` of shape `(B, T, N)` in float32, values in `[0, 1]`, zero on padded cells.
     """
-    if log_probs.dim() != 3 or token_characters.dim() != 3 or log_probs.shape[-1] != token_characters.shape[-1]:
+    if (
+        log_probs.dim() != 3 or token_characters.dim() != 3 or log_probs.shape[-1] != token_characters.shape[-1]
+        or log_probs.shape[0] != token_characters.shape[0]
+    ):
         raise ValueError(
             f"`log_probs` (B, T, V) and `token_characters` (B, N, V) must share B and V, got "
             f"{tuple(log_probs.shape)} and {tuple(token_characters.shape)}."
@@ -118,10 +121,11 @@ def character_anchor_cost(
         # (B, T, N, V) for a max over each piece's characters: V is a character vocabulary (tens of entries).
         affinity = (probs[:, :, None, :] * characters[:, None, :, :]).amax(-1)
         cost = 1.0 - affinity
+        # `where`, not a product: padded frames' posteriors may hold anything, NaN included.
         if frame_mask is not None:
-            cost = cost * frame_mask[:, :, None].float()
+            cost = torch.where(frame_mask[:, :, None].bool(), cost, 0.0)
         if token_mask is not None:
-            cost = cost * token_mask[:, None, :].float()
+            cost = torch.where(token_mask[:, None, :].bool(), cost, 0.0)
     return cost
 
 

@@ -290,7 +290,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             frame_mask = self._frame_mask(acoustic.shape[1], sample_mask)
             transfer_inputs = (acoustic, frame_mask, teacher_hidden_states, teacher_attention_mask)
             extras = self._transfer_extras(logits, teacher_token_characters, token_frame_spans)
-        transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states, extras)
+        transfer_first = run_transfer and not self._transfer_graphs_apply(hidden_states)
         if transfer_first:
             kt_loss, plans, diagnostics = self._transfer_loss(*transfer_inputs, extras)
         ctc_loss = None
@@ -360,7 +360,15 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 )
             log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32)
             extras["log_probs"] = log_probs if config.alignment_anchor_gradient else log_probs.detach()
-            extras["token_characters"] = teacher_token_characters.to(logits.device)
+            characters = teacher_token_characters.to(logits.device)
+            missing = logits.shape[-1] - characters.shape[-1]
+            if missing < 0:
+                raise ValueError(
+                    f"`teacher_token_characters` spans {characters.shape[-1]} vocabulary ids but the CTC head has "
+                    f"{logits.shape[-1]}: build it with the model's tokenizer."
+                )
+            # A tokenizer may list fewer ids than the head (added tokens, a resized head): those spell nothing.
+            extras["token_characters"] = nn.functional.pad(characters, (0, missing))
         if config.aligner == "oracle" and token_frame_spans is None:
             raise ValueError(
                 "The 'oracle' aligner needs `token_frame_spans` in forward (each token's word span in frames, from "
@@ -415,12 +423,13 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             return None
         return self._get_feature_vector_attention_mask(n_frames, attention_mask).bool()
 
-    def _transfer_graphs_apply(self, hidden_states: torch.Tensor, extras: Optional[dict] = None) -> bool:
+    def _transfer_graphs_apply(self, hidden_states: torch.Tensor) -> bool:
         """Whether the transfer runs from captured CUDA graphs (`config.kt_cuda_graphs`) in this forward pass: not
-        when it reads more than frames and teacher states (the anchor, the oracle's spans), which run eagerly."""
+        when it reads more than frames and teacher states (the anchor's posteriors, the oracle's spans), which then
+        runs eagerly."""
         return (
             self.config.kt_cuda_graphs and self.training and hidden_states.is_cuda and torch.is_grad_enabled()
-            and not extras
+            and self.config.alignment_anchor_weight == 0 and self.config.aligner != "oracle"
             # nn.DataParallel's replicas share this module's attributes across threads and devices.
             and not getattr(self, "_is_replica", False)
         )
@@ -450,7 +459,7 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
             cost_scale=config.alignment_cost_scale,
         )
         graphed = None
-        if self._transfer_graphs_apply(frames, extras) and spans is None and frames.requires_grad:
+        if self._transfer_graphs_apply(frames) and frames.requires_grad:
             terms = functools.partial(
                 transfer_terms, aligner=aligner, **settings,
                 solver_settings={**config.solver_settings, "max_iter": config.alignment_graph_iterations},
@@ -466,6 +475,10 @@ class Wav2Vec2ForCTCWithUOT(Wav2Vec2ForCTC):
                 solver_settings=config.solver_settings, token_frame_spans=spans, **settings, **extras,
             )
         diagnostics = dict(zip(TRANSFER_STATS, stats.unbind()))
+        if graphed is not None and spans is not None:
+            # The graphs take frames and teacher states only: the padding diagnostic comes from their plans.
+            share = padding_share(plans, frame_mask, token_mask, spans)
+            diagnostics["padding_mass"] = torch.where(share.isnan(), 0.0, share).sum() / (~share.isnan()).sum()
         return kt_loss, plans, diagnostics
 
 
@@ -576,7 +589,8 @@ def transfer_terms(
         if kt_loss_type in ("infonce", "cosine+infonce"):
             per_example = per_example + _contrastive_loss(pooled_unit, states_unit, token_mask, kt_temperature)
         # An example counts when it has tokens, frames, and a plan (the oracle gives none without word timings).
-        has_tokens = (n_tokens > 0) & frame_mask.any(-1) & (token_mass.sum(-1) > 0)
+        # (A NaN plan still counts, so that a failed solve shows in the loss rather than vanishing from it.)
+        has_tokens = (n_tokens > 0) & frame_mask.any(-1) & (token_mass.sum(-1) != 0)
         kt_loss = torch.where(has_tokens, per_example, 0.0).sum() / has_tokens.sum().clamp_min(1)
 
     diagnostics = alignment_diagnostics(result.plan, frame_mask, token_mask)
@@ -585,14 +599,7 @@ def transfer_terms(
         discrimination = token_discrimination(pooled.detach(), teacher_states, token_mask)
         spread = frame_fit_spread(cost.detach(), frame_mask, token_mask, eps)
         per_token = frames_per_token(plans.detach(), token_mask)
-        if token_frame_spans is not None:
-            positions = torch.arange(frames.shape[1], device=frames.device)[None, :, None]
-            spans = token_frame_spans.to(frames.device)
-            in_word = ((positions >= spans[:, None, :, 0]) & (positions < spans[:, None, :, 1]) & token_mask[:, None, :])
-            outside = frame_mask & ~in_word.any(-1)
-            padding = (plans.detach().sum(-1) * outside).sum(-1) / plans.detach().sum((1, 2)).clamp_min(1e-30)
-        else:
-            padding = torch.full_like(per_example, float("nan"))
+        padding = padding_share(plans.detach(), frame_mask, token_mask, token_frame_spans)
 
     def batch_mean(values):
         # A masked mean rather than indexing, which would wait for the device (NaN when no example counts).
@@ -600,8 +607,8 @@ def transfer_terms(
         return (torch.where(usable, values, 0.0)).sum() / usable.sum()
 
     stats = torch.stack([
-        diagnostics.token_coverage.nanmean(),
-        diagnostics.dropped_frame_fraction.nanmean(),
+        batch_mean(diagnostics.token_coverage),
+        batch_mean(diagnostics.dropped_frame_fraction),
         batch_mean(diagnostics.total_mass),
         batch_mean(result.converged.float()),
         batch_mean(discrimination.float()),
@@ -610,6 +617,23 @@ def transfer_terms(
         batch_mean(padding),
     ])
     return kt_loss, plans, stats
+
+
+def padding_share(
+    plans: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor, token_frame_spans: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Per example, the share of the plan's mass on valid frames inside no valid token's span `[start, end)`: the
+    mass on silence and noise, shape `(B,)`. NaN without spans, and for an example whose spans are all empty (no
+    word timings)."""
+    if token_frame_spans is None:
+        return torch.full(plans.shape[:1], float("nan"), device=plans.device)
+    positions = torch.arange(plans.shape[1], device=plans.device)[None, :, None]
+    spans = token_frame_spans.to(plans.device)
+    in_word = (positions >= spans[:, None, :, 0]) & (positions < spans[:, None, :, 1]) & token_mask[:, None, :]
+    outside = frame_mask & ~in_word.any(-1)
+    share = (plans.sum(-1) * outside).sum(-1) / plans.sum((1, 2)).clamp_min(1e-30)
+    timed = ((spans[..., 1] > spans[..., 0]) & token_mask).any(-1)
+    return torch.where(timed, share, float("nan"))
 
 
 def _contrastive_loss(pooled_unit, states_unit, token_mask, temperature: float) -> torch.Tensor:

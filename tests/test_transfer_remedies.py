@@ -246,3 +246,24 @@ def test_the_script_trains_the_oracle_from_word_timings(tmp_path, teacher):
         # The oracle pools only inside words; speech_like's words fill the audio but the pauses between them.
         assert 0.0 <= entry["padding_mass"] < 0.2 and not math.isnan(entry["token_discrimination"])
         assert entry["kt_loss"] > 0
+
+
+def test_padding_share_leaves_out_utterances_without_timings():
+    from modeling_uot_ctc.modeling_wav2vec2_uot import padding_share
+
+    plans = torch.full((2, 4, 2), 1 / 8)
+    masks = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)
+    spans = torch.tensor([[[0, 2], [2, 3]], [[0, 0], [0, 0]]])  # the second utterance has no timings
+    share = padding_share(plans, *masks, spans)
+    assert share[0].item() == pytest.approx(0.25) and math.isnan(share[1].item())
+    assert padding_share(plans, *masks, None).isnan().all()
+    gen = torch.Generator().manual_seed(6)
+    frames, teacher = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 2, 8, generator=gen)
+    _, _, stats = transfer_terms(frames, *masks[:1], teacher, masks[1], aligner=diagonal_plan, solver_settings={},
+                                 token_frame_spans=spans)
+    assert stats[-1].item() == pytest.approx(0.25)  # the mean over the timed utterance only
+
+
+def test_anchor_refuses_inputs_of_another_batch():
+    with pytest.raises(ValueError, match="share B and V"):
+        character_anchor_cost(torch.zeros(2, 5, 4), torch.zeros(1, 3, 4))
