@@ -465,7 +465,9 @@ class DataCollatorCTCWithTeacher:
             if self.frame_timing is not None and all("words" in f for f in features):
                 texts = [f["normalised_text"] for f in features]
                 words = [json.loads(f["words"]) if f["words"] else None for f in features]
-                batch["token_frame_spans"] = token_frame_spans(texts, teacher.tokens, words, *self.frame_timing, n_tokens)
+                batch["token_frame_spans"] = token_frame_spans(
+                    texts, teacher.tokens, words, *self.frame_timing, n_tokens
+                )
         return batch
 
 

@@ -66,8 +66,8 @@ TUNE_SEEDS = (0, 1)
 BASE_THREADS = 2
 # The corpora, each from the one before (same seed, disjoint sentences: the target skips what the base took).
 CORPUS_COMMANDS = {
-    BASE_CORPUS: "python -m modeling_uot_ctc.corpus --output data/transfer_base --utterances 8000 --test-fraction 0.05 "
-    "--voices base --seed 0",
+    BASE_CORPUS: "python -m modeling_uot_ctc.corpus --output data/transfer_base --utterances 8000 "
+    "--test-fraction 0.05 --voices base --seed 0",
     TARGET_CLEAN_CORPUS: "python -m modeling_uot_ctc.corpus --output data/transfer_target_clean --utterances 600 "
     "--test-fraction 0.3333333 --voices target --skip-sentences 8000 --seed 0",
     TARGET_CORPUS: "python -m modeling_uot_ctc.corpus --pad-from data/transfer_target_clean --output "
@@ -139,6 +139,9 @@ VARIANTS = {
     ),
     "uot_anchor": ("UOT, anchored cost + temporal prior", ANCHORED),
     "uot_anchor_rho1": ("UOT, anchored, rho_frames 1", {**ANCHORED, "rho_frames": 1.0}),
+    "uot_anchor_sharp": (
+        "UOT, anchored, eps 0.02, rho_frames 0.03", {**ANCHORED, "alignment_eps": 0.02, "rho_frames": 0.03}
+    ),
     "uot_anchor_blend": ("UOT, half anchor half cosine", {**ANCHORED, "alignment_anchor_weight": 0.5}),
     "uot_anchor_noprior": ("UOT, anchored, no temporal prior", {**ANCHORED, "temporal_order_weight": 0.0}),
     "uot_anchor_infonce": ("UOT, anchored, + contrastive loss", {**ANCHORED, "kt_loss_type": "cosine+infonce"}),

@@ -123,7 +123,9 @@ def _weights(weights, mask):
     return torch.where(mask, weights.float(), 0.0)
 
 
-def frame_fit_spread(cost: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor, eps: float) -> torch.Tensor:
+def frame_fit_spread(
+    cost: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor, eps: float
+) -> torch.Tensor:
     """How unequally each example's frames fit its transcript, in units of `eps`, shape `(B,)` (NaN without two
     valid frames and a token).
 

@@ -73,7 +73,9 @@ def span_plan(token_frame_spans: torch.Tensor, frame_mask: torch.Tensor, token_m
 register_aligner("diagonal", diagonal_plan)
 
 
-def oracle_plan(cost: torch.Tensor, frame_mask, token_mask, *, token_frame_spans: torch.Tensor, **settings) -> UOTResult:
+def oracle_plan(
+    cost: torch.Tensor, frame_mask, token_mask, *, token_frame_spans: torch.Tensor, **settings
+) -> UOTResult:
     """The `"oracle"` aligner: :func:`span_plan` from the word timings, in the aligners' signature (the cost and the
     solver settings are ignored). Not in `ALIGNERS`: the model binds `token_frame_spans` from its `forward`."""
     batch, n_frames, n_tokens = cost.shape

@@ -60,7 +60,8 @@ def test_cost_scale_std_measures_eps_in_units_of_the_cost_spread():
         cells = scaled[b, :n_frames].flatten().numpy()
         assert np.std(cells) == pytest.approx(1.0, rel=1e-5)
     assert (scaled[1, 4:] == 0).all()
-    assert cost_spread(torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)) == 1
+    flat = torch.zeros(1, 3, 2)
+    assert cost_spread(flat, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)) == 1
 
 
 def test_anchor_blend_and_centred_teacher():
@@ -71,7 +72,9 @@ def test_anchor_blend_and_centred_teacher():
     characters = (torch.rand(1, 4, 5, generator=gen) > 0.5).float()
     cosine = alignment_cost(frames, tokens, *masks)
     anchor = character_anchor_cost(log_probs, characters, *masks)
-    blended = alignment_cost(frames, tokens, *masks, anchor_weight=0.25, log_probs=log_probs, token_characters=characters)
+    blended = alignment_cost(
+        frames, tokens, *masks, anchor_weight=0.25, log_probs=log_probs, token_characters=characters
+    )
     torch.testing.assert_close(blended, 0.75 * cosine + 0.25 * anchor)
     centred = centred_states(tokens, masks[1])
     torch.testing.assert_close(centred[0, :3].mean(0), torch.zeros(8), atol=1e-6, rtol=0)
@@ -222,7 +225,8 @@ def test_forward_with_anchor_oracle_and_instruments():
     assert 0 <= out.token_discrimination.item() <= 1 and out.frames_per_token.item() >= 1
     assert out.cost_spread_over_eps.item() > 0
 
-    oracle = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(**{**config.to_dict(), "aligner": "oracle", "alignment_anchor_weight": 0.0})).eval()
+    settings = {**config.to_dict(), "aligner": "oracle", "alignment_anchor_weight": 0.0}
+    oracle = Wav2Vec2ForCTCWithUOT(Wav2Vec2UOTConfig(**settings)).eval()
     oracle.load_state_dict(model.state_dict())
     out = oracle(audio, labels=labels, teacher_hidden_states=teacher, token_frame_spans=spans, output_alignments=True)
     torch.testing.assert_close(out.alignments, span_plan(spans, *masks))
