@@ -149,6 +149,12 @@ VARIANTS = {
         "UOT, anchored, warm-up 50 and ramp 100 steps", {**ANCHORED, "kt_warmup_steps": 50, "kt_ramp_steps": 100}
     ),
     "ot_anchor": ("balanced OT, anchored cost + temporal prior", {**ANCHORED, "aligner": "ot"}),
+    # How much weight the transfer needs to move the recogniser at all: the oracle bound and the anchored UOT.
+    "oracle_kt2": ("oracle, kt_weight 2", {"aligner": "oracle", "kt_weight": 2.0}),
+    "oracle_kt8": ("oracle, kt_weight 8", {"aligner": "oracle", "kt_weight": 8.0}),
+    "oracle_infonce": ("oracle, + contrastive loss", {"aligner": "oracle", "kt_loss_type": "cosine+infonce"}),
+    "uot_anchor_kt2": ("UOT, anchored, kt_weight 2", {**ANCHORED, "kt_weight": 2.0}),
+    "uot_anchor_kt8": ("UOT, anchored, kt_weight 8", {**ANCHORED, "kt_weight": 8.0}),
 }
 TABLE_VARIANTS = ("ctc", "oracle", "diagonal", "uot_cosine", "uot_anchor")
 
