@@ -350,3 +350,22 @@ def test_the_tuning_split_holds_out_training_utterances_only(tmp_path):
         split_files[split] = {os.path.basename(name) for name in names}
     assert len(split_files["test"]) == 3 and len(split_files["train"]) == 9
     assert not split_files["test"] & split_files["train"]
+
+
+def test_transfer_table_pairs_by_seed_and_gives_the_relative_change():
+    rows = {name: row for name, row in experiments.ROWS.items() if row.regime == "target"}
+    plan = {"precision": 0.7, "recall": 0.2, "dropped": 0.8, "mass_outside_words": 0.01}
+    tools = {"token_discrimination": 0.4, "discrimination_chance": 0.2, "frames_per_token": 9.0}
+    found = {
+        "target_ctc": {0: {"cer": 0.20, "wer": 0.6}, 1: {"cer": 0.30, "wer": 0.7}},
+        "target_uot_anchor": {
+            0: {"cer": 0.18, "wer": 0.6, "alignment": plan, "instruments": tools},
+            1: {"cer": 0.27, "wer": 0.7, "alignment": plan, "instruments": tools},
+        },
+    }
+    text = report.transfer_table(found, rows, "target", "target_ctc")
+    line = next(line for line in text.splitlines() if line.startswith("| target_uot_anchor "))
+    # Paired differences -0.02 and -0.03: mean -0.025, which is -10 % of CTC's mean CER 0.25.
+    assert "[-0.020, -0.030]" in line and "-10.0%" in line
+    assert "0.400 ± 0.000 (0.20)" in line
+    assert "| target_oracle | 0 | not run yet |" in text
