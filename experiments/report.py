@@ -15,14 +15,14 @@ import numpy as np
 TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 
 
-def mean_spread(values) -> str:
+def mean_spread(values, digits: int = 3) -> str:
     """`mean ± sample standard deviation (n)`; a lone value gets no spread."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f} (n=1)"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+        return f"{values[0]:.{digits}f} (n=1)"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def paired_difference(found, row_name, baseline_name, key="wer"):
@@ -43,14 +43,14 @@ def t_interval(values) -> tuple:
     return np.mean(values) - half, np.mean(values) + half
 
 
-def paired_cell(differences) -> str:
+def paired_cell(differences, digits: int = 3) -> str:
     """`mean ± sd [each seed's difference] 95 % t-interval` of paired differences."""
     if not differences:
         return "–"
-    cell = f"{mean_spread(differences)} [{', '.join(f'{d:+.3f}' for d in differences)}]"
+    cell = f"{mean_spread(differences, digits)} [{', '.join(f'{d:+.{digits}f}' for d in differences)}]"
     if len(differences) >= 2:
         low, high = t_interval(differences)
-        cell += f", 95 % CI {low:+.3f} to {high:+.3f}"
+        cell += f", 95 % CI {low:+.{digits}f} to {high:+.{digits}f}"
     return cell
 
 
@@ -258,13 +258,14 @@ def transfer_table(found, rows, regime: str, baseline: str) -> str:
         tool = lambda key: [m.get("instruments", {}).get(key) for m in aligned]  # noqa: E731
         differences = paired_difference(found, row.name, baseline, "cer") if row.name != baseline else []
         cells = [
-            str(len(runs)), mean_spread(pick("cer")), mean_spread(pick("wer")),
-            paired_cell(differences) if differences else "–", relative_cell(differences, base_cer),
+            # Four digits: fine-tuning rows differ from each other by thousandths.
+            str(len(runs)), mean_spread(pick("cer"), 4), mean_spread(pick("wer"), 4),
+            paired_cell(differences, 4) if differences else "–", relative_cell(differences, base_cer),
         ]
         if aligned:
             cells += [mean_spread(align(k)) for k in ("precision", "recall", "dropped", "mass_outside_words")]
             cells.append(f"{mean_spread(tool('token_discrimination'))} ({np.mean(tool('discrimination_chance')):.2f})")
-            cells.append(mean_spread(tool("frames_per_token")))
+            cells.append(mean_spread(tool("frames_per_token"), 1))
         else:
             cells += ["–"] * 6
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | `{row.command}` |")

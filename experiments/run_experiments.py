@@ -10,6 +10,13 @@ a finished run is never redone, an interrupted one resumes from its last checkpo
     python experiments/run_experiments.py run --jobs 2                   # everything not yet done, two at a time
     python experiments/run_experiments.py report                         # tables and plots into docs/
 
+The transfer experiments (docs/RESULTS.md, section 1) fine-tune a base model trained once (stage 1) on a shifted
+target set (stage 2), every variant first on a validation split, then the table's rows on five seeds:
+
+    python experiments/run_experiments.py base                           # corpora and the stage-1 model
+    python experiments/run_experiments.py run --regimes target-tune target --jobs 2
+    python experiments/run_experiments.py transfer-report                # section 1's tables
+
 Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
 software. The evaluation adds what the training script does not measure: WER and CER for voices heard in
 training and voices never heard, the precision and recall of the transport plan against the corpus's word timings,

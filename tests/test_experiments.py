@@ -366,6 +366,6 @@ def test_transfer_table_pairs_by_seed_and_gives_the_relative_change():
     text = report.transfer_table(found, rows, "target", "target_ctc")
     line = next(line for line in text.splitlines() if line.startswith("| target_uot_anchor "))
     # Paired differences -0.02 and -0.03: mean -0.025, which is -10 % of CTC's mean CER 0.25.
-    assert "[-0.020, -0.030]" in line and "-10.0%" in line
+    assert "[-0.0200, -0.0300]" in line and "-10.0%" in line
     assert "0.400 ± 0.000 (0.20)" in line
     assert "| target_oracle | 0 | not run yet |" in text
