@@ -193,6 +193,9 @@ def _rows() -> list[Row]:
         Row("uot_rho1.0_kt0.1", "clean", "UOT, rho_frames 1, kt_weight 0.1", uot(1.0, kt_weight=0.1)),
         Row("uot_rho1.0_kt2.0", "clean", "UOT, rho_frames 1, kt_weight 2", uot(1.0, kt_weight=2.0)),
         Row("low_ot", "low-resource", "balanced OT transfer", {"aligner": "ot"}),
+        # Section 1's anchored transfer from scratch: the anchor reads the CTC head, so CTC trains alone first.
+        Row("uot_anchor_warm", "clean", "UOT, anchored cost + prior after 400 steps of CTC alone, kt_weight 2",
+            {**ANCHORED, "kt_warmup_steps": 400, "kt_weight": 2.0}),
         # Stage 2 of the transfer experiments: the base model fine-tuned on the target set. Every variant is first
         # run on the validation split of the target's training set ("tune_", one seed), where the defaults were
         # chosen; the table's rows ("target_", five seeds) are the controls and the chosen settings.
