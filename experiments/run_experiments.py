@@ -162,6 +162,11 @@ VARIANTS = {
     "oracle_infonce": ("oracle, + contrastive loss", {"aligner": "oracle", "kt_loss_type": "cosine+infonce"}),
     "uot_anchor_kt2": ("UOT, anchored, kt_weight 2", {**ANCHORED, "kt_weight": 2.0}),
     "uot_anchor_kt8": ("UOT, anchored, kt_weight 8", {**ANCHORED, "kt_weight": 8.0}),
+    # A more lexical teacher layer (MiniLM's first), easier to predict from sound, at the chosen weight.
+    "oracle_layer1": ("oracle, teacher layer 1, kt_weight 2", {"aligner": "oracle", "kt_weight": 2.0,
+                                                               "teacher_layer": 1}),
+    "uot_anchor_layer1": ("UOT, anchored, teacher layer 1, kt_weight 2", {**ANCHORED, "kt_weight": 2.0,
+                                                                          "teacher_layer": 1}),
 }
 TABLE_VARIANTS = ("ctc", "oracle", "diagonal", "uot_cosine", "uot_anchor")
 # The transfer's weight in the table's rows, chosen on the validation split (tune_*_kt2 against tune_*: the oracle and
