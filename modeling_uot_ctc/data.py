@@ -80,6 +80,11 @@ def frame_timing(config) -> tuple[float, float]:
     return hop / SAMPLING_RATE, (receptive_field - 1) / 2 / SAMPLING_RATE
 
 
+def _spelling(piece: str) -> str:
+    """The characters a WordPiece token spells (`"##"` marks a continuation of the word before it)."""
+    return piece[2:] if piece.startswith("##") else piece
+
+
 def piece_word_indices(text: str, pieces: list[str]) -> Optional[list[int]]:
     """The whitespace-word index in `text` of each WordPiece token of `pieces` (`"##"` marks a continuation), or
     `None` when the pieces do not spell `text` in order (an `[UNK]`, a cased or accent-stripping mismatch)."""
@@ -93,7 +98,7 @@ def piece_word_indices(text: str, pieces: list[str]) -> Optional[list[int]]:
     for piece in pieces:
         while position < len(text) and text[position] == " ":
             position += 1
-        spelled = piece[2:] if piece.startswith("##") else piece
+        spelled = _spelling(piece)
         if not spelled or text[position : position + len(spelled)] != spelled:
             return None
         result.append(word_of[position])
@@ -108,7 +113,7 @@ def token_characters(pieces: list[list[str]], vocab: dict, n_tokens: int) -> tor
     table = torch.zeros(len(pieces), n_tokens, max(vocab.values()) + 1)
     for b, example in enumerate(pieces):
         for j, piece in enumerate(example[:n_tokens]):
-            ids = [vocab[c] for c in (piece[2:] if piece.startswith("##") else piece) if c in vocab]
+            ids = [vocab[c] for c in _spelling(piece) if c in vocab]
             table[b, j, ids] = 1.0
     return table
 

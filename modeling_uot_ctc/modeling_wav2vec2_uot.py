@@ -20,7 +20,7 @@ from .configuration_wav2vec2_uot import Wav2Vec2UOTConfig
 from .costs import character_anchor_cost, cosine_cost, cost_spread
 from .cuda_graphs import TransferGraphs
 from .diagnostics import alignment_diagnostics, frame_fit_spread, frames_per_token, token_discrimination
-from .reference_plans import oracle_plan
+from .reference_plans import oracle_plan, span_mask
 from .solver import ALIGNERS
 
 logger = logging.get_logger(__name__)
@@ -627,9 +627,8 @@ def padding_share(
     word timings)."""
     if token_frame_spans is None:
         return torch.full(plans.shape[:1], float("nan"), device=plans.device)
-    positions = torch.arange(plans.shape[1], device=plans.device)[None, :, None]
     spans = token_frame_spans.to(plans.device)
-    in_word = (positions >= spans[:, None, :, 0]) & (positions < spans[:, None, :, 1]) & token_mask[:, None, :]
+    in_word = span_mask(spans, plans.shape[1]) & token_mask[:, None, :]
     outside = frame_mask & ~in_word.any(-1)
     share = (plans.sum(-1) * outside).sum(-1) / plans.sum((1, 2)).clamp_min(1e-30)
     timed = ((spans[..., 1] > spans[..., 0]) & token_mask).any(-1)

@@ -49,6 +49,12 @@ def diagonal_plan(cost: torch.Tensor, frame_mask=None, token_mask=None, **settin
     return _result(plan)
 
 
+def span_mask(token_frame_spans: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """`(B, n_frames, N)` bool: frame `i` lies in token `j`'s span `[start, end)` (`token_frame_spans`, `(B, N, 2)`)."""
+    positions = torch.arange(n_frames, device=token_frame_spans.device)[None, :, None]
+    return (positions >= token_frame_spans[:, None, :, 0]) & (positions < token_frame_spans[:, None, :, 1])
+
+
 def span_plan(token_frame_spans: torch.Tensor, frame_mask: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Each valid token spread evenly, with mass `1 / N`, over the valid frames `start <= i < end` of its span.
 
@@ -60,10 +66,7 @@ def span_plan(token_frame_spans: torch.Tensor, frame_mask: torch.Tensor, token_m
     Returns:
         `torch.Tensor` of shape `(B, T, N)`, float32.
     """
-    n_frames = frame_mask.shape[1]
-    positions = torch.arange(n_frames, device=frame_mask.device)[None, :, None]
-    spans = token_frame_spans.to(frame_mask.device)
-    inside = (positions >= spans[:, None, :, 0]) & (positions < spans[:, None, :, 1])
+    inside = span_mask(token_frame_spans.to(frame_mask.device), frame_mask.shape[1])
     inside = inside & frame_mask.bool()[:, :, None] & token_mask.bool()[:, None, :]
     counts = inside.sum(1, keepdim=True).float()  # frames per token
     n_tokens = token_mask.sum(-1).float().clamp_min(1)[:, None, None]
