@@ -211,7 +211,9 @@ class TransferArguments:
         default="none", metadata={"help": "'utterance': subtract each utterance's mean teacher state; 'none'."}
     )
     alignment_max_iter: int = field(default=200, metadata={"help": "Solver iterations per batch at most."})
-    alignment_tol: float = field(default=1e-4, metadata={"help": "Solver tolerance."})
+    alignment_tol: float = field(
+        default=1e-4, metadata={"help": "Solver tolerance: the mass one iteration moves, beyond float rounding."}
+    )
     alignment_grad_mode: str = field(default="detach", metadata={"help": "'detach' or 'unrolled'."})
     kt_weight: float = field(default=0.5, metadata={"help": "Weight of the transfer loss."})
     kt_loss_type: str = field(

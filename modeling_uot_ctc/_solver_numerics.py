@@ -33,6 +33,30 @@ def _masked_fill(x: torch.Tensor, mask: torch.Tensor, value: float, inplace: boo
 # Largest |log| of a scaling in the scaling iteration before the kernel is rebuilt.
 _SCALING_BOUND = {torch.float32: 15.0, torch.float64: 150.0}
 
+# Units in the last place of its operands below which a change of a potential counts as rounding (see
+# `_moved_beyond_rounding`). At a fixed point the iterates keep moving by up to about 1.3 such units in float32 on
+# every CPU kernel path (AVX-512, AVX2, and the baseline path), measured over 300 random problems run 4000 to 30000
+# iterations past convergence; 4 leaves a margin of three.
+_ROUNDING_ULPS = 4.0
+
+
+def _moved_beyond_rounding(
+    mass: torch.Tensor, change: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Mass moved by an update, `sum_i mass_i max(|change_i| - ulps eps_dtype magnitude_i, 0)`, per example.
+
+    `change` is the change of the update's log-scalings (`df / eps`), and `magnitude` the size of the terms it is
+    computed from. Floating-point updates from different but equally valid kernels (another summation order, another
+    SIMD width) stop at slightly different points, near which they may cycle by a few units in the last place of
+    those terms instead of reaching an exact fixed point: such a change moves no mass that any tolerance should see,
+    and it is not counted. Without this floor a tolerance below float32's resolution could never be met on some CPUs
+    and always on others.
+    """
+    floor = _ROUNDING_ULPS * torch.finfo(dtype).eps
+    beyond = (change.detach().abs() - floor * magnitude.detach()).clamp_min_(0.0)
+    return (mass.detach() * beyond).sum(-1)
+
+
 def _exp_floor(dtype: torch.dtype) -> float:
     """Smallest exponent `_exp` produces: a kernel entry there, times the smallest scaling, is still a normal float."""
     return math.log(torch.finfo(dtype).tiny) + _SCALING_BOUND[dtype] + 1.0

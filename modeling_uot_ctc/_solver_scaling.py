@@ -8,7 +8,16 @@ from typing import Optional
 
 import torch
 
-from ._solver_numerics import INF, _SCALING_BOUND, _capturing, _exp, _exp_floor, _masked_logsumexp, _token_factor
+from ._solver_numerics import (
+    INF,
+    _SCALING_BOUND,
+    _capturing,
+    _exp,
+    _exp_floor,
+    _masked_logsumexp,
+    _moved_beyond_rounding,
+    _token_factor,
+)
 from ._solver_problem import _Problem, frame_update
 
 
@@ -143,14 +152,17 @@ class _ScalingState:
     def step(self, measure: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """One frame update, translation step and token update.
 
-        Returns the mass moved by the two updates (when `measure`, else `None`) and the new row and column masses.
+        Returns the mass moved by the two updates beyond rounding (when `measure`, else `None`; see
+        `_moved_beyond_rounding`) and the new row and column masses.
         """
         tiny, bound, kappa_f, kappa_g, eps = self.tiny, self.bound, self.kappa_f, self.kappa_g, self.eps
         moved = None
         kv = torch.bmm(self.v[:, None, :], self.kernel_t)[:, 0, :].clamp_min_(tiny)
-        log_u = torch.add(self.offset_f, kv.log(), alpha=-kappa_f).clamp_(-bound, bound)
+        log_kv = kv.log()
+        log_u = torch.add(self.offset_f, log_kv, alpha=-kappa_f).clamp_(-bound, bound)
         if measure:
-            moved = (self.u * kv * (log_u - self.log_u).abs()).sum(-1)
+            magnitude = self._update_magnitude(self.base_f, kappa_f, log_kv)
+            moved = _moved_beyond_rounding(self.u * kv, log_u - self.log_u, magnitude, kv.dtype)
         self.log_u, self.u = log_u, log_u.exp()
         row_mass = self.u * kv
         if self.use_translation:
@@ -163,14 +175,22 @@ class _ScalingState:
             if kappa_g < 1.0:
                 self.offset_g = torch.add(self.base_g, shift, alpha=-(kappa_g - 1.0) / eps)
         ktu = torch.bmm(self.u[:, None, :], self.kernel)[:, 0, :].clamp_min_(tiny)
-        log_v = torch.add(self.offset_g, ktu.log(), alpha=-kappa_g).clamp_(-bound, bound)
+        log_ktu = ktu.log()
+        log_v = torch.add(self.offset_g, log_ktu, alpha=-kappa_g).clamp_(-bound, bound)
         if measure:
-            moved = moved + (self.v * ktu * (log_v - self.log_v).abs()).sum(-1)
+            magnitude = self._update_magnitude(self.base_g, kappa_g, log_ktu)
+            moved = moved + _moved_beyond_rounding(self.v * ktu, log_v - self.log_v, magnitude, ktu.dtype)
         self.log_v, self.v = log_v, log_v.exp()
         col_mass = self.v * ktu
         if self.use_translation and kappa_g < 1.0:
             self.log_col_term = col_mass.sum(-1).clamp_min(tiny).log()
         return moved, row_mass, col_mass
+
+    def _update_magnitude(self, base: torch.Tensor, kappa: float, log_product: torch.Tensor) -> torch.Tensor:
+        """The size of the terms a scaling update adds up: its base offset, the translation's share of the offset
+        (none on a hard side), `kappa log(K v)` (or `log(K^T u)`), and 1 for the rounding of the product itself."""
+        shift_share = (abs(kappa - 1.0) / self.eps) * self.shift.abs()[:, None]
+        return base.abs().add_(log_product.abs(), alpha=kappa).add_(shift_share).add_(1.0)
 
     def needs_rebuild(self, row_mass: torch.Tensor, col_mass: torch.Tensor) -> torch.Tensor:
         """`(B,)` bool: a scaling of a row or column that carries mass has left `[-bound / 2, bound / 2]`."""

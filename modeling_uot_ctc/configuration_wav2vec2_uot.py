@@ -77,7 +77,9 @@ class Wav2Vec2UOTConfig(Wav2Vec2Config):
         alignment_max_iter (`int`, *optional*, defaults to 200):
             Largest number of Sinkhorn iterations per batch.
         alignment_tol (`float`, *optional*, defaults to 1e-4):
-            Stopping tolerance of the solver (mass moved by one iteration).
+            Stopping tolerance of the solver: the mass one iteration moves, beyond float rounding (`solve_uot`'s
+            `tol`). Changes below the rounding floor (about 5e-6 in float32) do not count, so the same batches
+            converge on every machine.
         alignment_grad_mode (`str`, *optional*, defaults to `"detach"`):
             `"detach"`: the plan is a constant in the transfer loss (cheap, stable). `"unrolled"`: gradients also
             flow through the solver's iterations.

@@ -20,6 +20,14 @@ sys.path.insert(0, REPO)
 
 import run_speech_recognition_uot as script  # noqa: E402
 
+# torch 2.13 defect, met only when ATEN_CPU_CAPABILITY forces a path below the CPU's own: on a CPU with AMX, bf16
+# attention over 64 or more positions takes oneDNN's AMX packing, which then refuses to run outside the AVX-512
+# kernels ("pack_vnni2 is only supported when avx512 is supported"). No CPU with AMX lacks AVX-512, so real machines
+# never meet it; with oneDNN off, bf16 runs through ATen's own kernels of the forced path, which is what a rank on a
+# machine without AVX-512 would run.
+if torch.cpu._is_amx_tile_supported() and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+    torch.backends.mkldnn.enabled = False
+
 
 def weights_digest(model) -> str:
     digest = hashlib.sha256()

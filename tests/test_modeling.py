@@ -306,6 +306,7 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert type(loaded) is Wav2Vec2ForCTCWithUOT
     batch = make_batch()
     a, b = model(**batch), loaded(**batch)
+    # Exact on every machine: the same weights run through the same kernels in one process.
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
 
@@ -471,10 +472,12 @@ def test_transfer_terms_do_not_see_padding(kt_loss_type):
     valid_teacher = torch.randn(3, max(token_counts), width, generator=gen, dtype=torch.float64)
     tight = run(max(frame_counts), max(token_counts), 0.0)
     padded = run(64, 16, 7.0)
-    # Equal up to the solver's tolerance: the padded problem sums in another order, so it may stop elsewhere.
+    # Equal to float32's rounding (the cost and the solver are float32 whatever the input), amplified by the
+    # iteration: the padded problem sums in another order, on another kernel path, and may stop elsewhere. Padding
+    # that leaked in would move the loss and the plans by far more (its cells hold 7.0).
     for a, b in zip(tight[:3], padded[:3]):
-        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(padded[3][:, : max(frame_counts)], tight[3], rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(padded[3][:, : max(frame_counts)], tight[3], rtol=1e-5, atol=1e-7)
     assert (padded[3][:, max(frame_counts) :] == 0).all()
     assert tight[3].abs().sum() > 0
 
@@ -494,6 +497,7 @@ def test_cuda_graph_setting_is_ignored_off_the_gpu():
     graphed.load_state_dict(eager.state_dict())
     batch = make_batch()
     a, b = eager(**batch), graphed(**batch)
+    # Exact on every machine: off the GPU both take the same eager path, kernel for kernel.
     torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)
     assert graphed._transfer_graphs is None
 
@@ -608,7 +612,7 @@ def test_the_bare_encoder_saves_and_loads_through_auto_model(model, tmp_path):
     batch = make_batch()
     expected = model.wav2vec2(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
     got = encoder(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # same weights, same kernels: exact everywhere
     encoder.save_pretrained(tmp_path / "encoder")
     again = AutoModel.from_pretrained(tmp_path / "encoder").eval()
     assert type(again) is Wav2Vec2UOTModel
@@ -750,5 +754,6 @@ def test_plain_export_is_a_stock_wav2vec2_for_ctc_with_the_same_logits(tmp_path)
     plain = AutoModelForCTC.from_pretrained(tmp_path).eval()
     assert type(plain) is Wav2Vec2ForCTC
     batch = without_teacher(make_batch())
+    # Exact on every machine: the stock class runs the same modules on the same weights, kernel for kernel.
     torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     torch.testing.assert_close(plain(**batch).loss, model(**batch).loss, rtol=0, atol=0)
