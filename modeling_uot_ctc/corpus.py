@@ -280,9 +280,11 @@ def build_corpus(
     jobs = [(u, output) for u in plan]
     bar = tqdm(total=len(jobs), desc="synthesising", unit="utt", disable=not progress)
     shards = [jobs[start : start + SHARD_SIZE] for start in range(0, len(jobs), SHARD_SIZE)]
-    # A fresh process per shard, forked from a server that has imported this module but never spoken.
+    # A fresh process per shard, forked from a server that has imported the package (and so its heavy dependencies)
+    # but never spoken. Not this module itself: under `python -m` every worker runs the parent's main module again
+    # (multiprocessing's "safe importing of main"), and runpy warns when that module is already imported.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["modeling_uot_ctc.corpus"])
+    context.set_forkserver_preload(["modeling_uot_ctc"])
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         for results in pool.map(_synthesise_shard, shards):
             for utterance, words in results:

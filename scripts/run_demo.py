@@ -37,9 +37,8 @@ def build_corpus(corpus: str, utterances: int, sentences: str | None) -> None:
     if os.path.isfile(os.path.join(corpus, "test", "metadata.csv")):
         print(f"corpus: reusing {corpus}")
         return
-    # `python -m modeling_uot_ctc.corpus`, less runpy's warnings in the builder's worker processes.
-    command = [sys.executable, "-c", "from modeling_uot_ctc.corpus import main; main()", "--output", corpus,
-               "--utterances", str(utterances), "--seed", "0"]
+    command = [sys.executable, "-m", "modeling_uot_ctc.corpus", "--output", corpus, "--utterances", str(utterances),
+               "--seed", "0"]
     if sentences:
         command += ["--sentences", sentences]
     subprocess.run(command, cwd=REPO, check=True)

@@ -4,6 +4,8 @@ import csv
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +135,20 @@ def test_base_and_target_corpora_share_no_sentence_accent_or_voice_variant():
     assert plan_corpus(sentences, 40, 1) == plan_corpus(sentences, 40, 1, voices="demo", skip_sentences=0)
     with pytest.raises(ValueError, match="only 100"):
         plan_corpus(sentences, utterances=50, seed=4, skip_sentences=60)
+
+
+def test_the_documented_command_builds_a_corpus_without_warnings(tmp_path):
+    """`python -m modeling_uot_ctc.corpus`, as the README, the Makefile and the demo run it: two worker processes,
+    and not one warning from them or from the parent (runpy's `found in sys.modules` among them)."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(SENTENCES[:6]) + "\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-m", "modeling_uot_ctc.corpus", "--sentences", str(sentences),
+         "--output", str(tmp_path / "corpus"), "--utterances", "6", "--test-fraction", "0.34", "--workers", "2"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote 4 training and 2 test utterances" in done.stdout
+    assert "Warning" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert len(read_split(tmp_path / "corpus", "train")) == 4
