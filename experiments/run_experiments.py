@@ -439,7 +439,7 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     from modeling_uot_ctc import ALIGNERS, Wav2Vec2ForCTCWithUOT
     from modeling_uot_ctc.data import decode_audio, normalise_text, token_characters, token_frame_spans
     from modeling_uot_ctc.diagnostics import frame_fit_spread
-    from modeling_uot_ctc.modeling_wav2vec2_uot import alignment_cost, centred_states
+    from modeling_uot_ctc.transfer import alignment_cost, centred_states
     from modeling_uot_ctc.metrics import METRIC_PATHS
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
 

@@ -25,7 +25,7 @@ from transformers import (
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, solve_uot
 from modeling_uot_ctc.cuda_graphs import TransferGraphs, padded_size
-from modeling_uot_ctc.modeling_wav2vec2_uot import transfer_terms
+from modeling_uot_ctc.transfer import transfer_terms
 
 TEACHER_WIDTH = 24
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz'")
@@ -440,48 +440,6 @@ def test_transfer_loss_never_waits_for_the_gpu():
     assert torch.isfinite(kt_loss) and diagnostics["transported_mass"].item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("kt_loss_type", ["cosine", "cosine+transport", "infonce", "cosine+infonce"])
-def test_transfer_terms_do_not_see_padding(kt_loss_type):
-    """What the CUDA graphs rely on: padding frames and tokens beyond the masks, with anything in them, changes
-    neither the loss, nor the diagnostics, nor the plans, nor the gradient of the valid frames."""
-    gen = torch.Generator().manual_seed(4)
-    frame_counts, token_counts = (30, 22, 9), (5, 7, 2)
-    width, settings = 12, dict(eps=0.1, rho_frames=0.5, tol=1e-9, max_iter=5000)
-
-    def run(n_frames, n_tokens, fill):
-        frames = torch.full((3, n_frames, width), fill, dtype=torch.float64)
-        teacher = torch.full((3, n_tokens, width), fill, dtype=torch.float64)
-        frame_mask = torch.zeros(3, n_frames, dtype=torch.bool)
-        token_mask = torch.zeros(3, n_tokens, dtype=torch.bool)
-        # Word spans: padding tokens claim every frame, which must not count.
-        spans = torch.tensor([0, n_frames]).repeat(3, n_tokens, 1)
-        for k, (t, n) in enumerate(zip(frame_counts, token_counts)):
-            frames[k, :t], teacher[k, :n] = valid_frames[k, :t], valid_teacher[k, :n]
-            frame_mask[k, :t], token_mask[k, :n] = True, True
-            spans[k, :n] = torch.tensor([[1 + j, 3 + j] for j in range(n)])
-        frames.requires_grad_(True)
-        kt_loss, plans, stats = transfer_terms(
-            frames, frame_mask, teacher, token_mask, aligner=solve_uot, solver_settings=settings,
-            kt_loss_type=kt_loss_type, token_frame_spans=spans,
-        )
-        assert not stats.isnan().any()
-        kt_loss.backward()
-        return kt_loss, plans[:, : max(frame_counts), : max(token_counts)], stats, frames.grad
-
-    valid_frames = torch.randn(3, max(frame_counts), width, generator=gen, dtype=torch.float64)
-    valid_teacher = torch.randn(3, max(token_counts), width, generator=gen, dtype=torch.float64)
-    tight = run(max(frame_counts), max(token_counts), 0.0)
-    padded = run(64, 16, 7.0)
-    # Equal to float32's rounding (the cost and the solver are float32 whatever the input), amplified by the
-    # iteration: the padded problem sums in another order, on another kernel path, and may stop elsewhere. Padding
-    # that leaked in would move the loss and the plans by far more (its cells hold 7.0).
-    for a, b in zip(tight[:3], padded[:3]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(padded[3][:, : max(frame_counts)], tight[3], rtol=1e-5, atol=1e-7)
-    assert (padded[3][:, max(frame_counts) :] == 0).all()
-    assert tight[3].abs().sum() > 0
-
-
 def test_graph_shapes_are_the_next_power_of_two_or_one_and_a_half_times_one():
     allowed = sorted({smallest * 2**k * f // 2 for smallest in (16,) for k in range(12) for f in (2, 3)})
     for size in range(1, 3000):
@@ -648,29 +606,6 @@ def test_padding_without_an_attention_mask_is_not_taken_for_speech():
     # Without the lengths every frame counts, padding included: the plans then give it mass.
     unaware = model(**batch, output_alignments=True)
     assert unaware.alignments[2, n_frames[2] :].sum() > 0.05
-
-
-def test_transfer_under_bf16_autocast_solves_the_float32_problem():
-    """The eager transfer must optimise the problem the graphed one does: the cost in float32 whatever the
-    autocast (a bf16 cost moves the kernel's exponent by about 0.08 at eps 0.1)."""
-    gen = torch.Generator().manual_seed(10)
-    frames = torch.randn(2, 40, TEACHER_WIDTH, generator=gen)
-    teacher = torch.randn(2, 6, TEACHER_WIDTH, generator=gen)
-    frame_mask, token_mask = torch.ones(2, 40, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool)
-    frame_mask[1, 30:], token_mask[1, 4:] = False, False
-    settings = dict(eps=0.1, rho_frames=1.0, tol=1e-6, max_iter=2000)
-
-    def terms():
-        return transfer_terms(
-            frames, frame_mask, teacher, token_mask, aligner=solve_uot, solver_settings=settings,
-            kt_loss_type="cosine",
-        )
-
-    plain_loss, plain_plans, _ = terms()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto_loss, auto_plans, _ = terms()
-    torch.testing.assert_close(auto_plans, plain_plans, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(auto_loss, plain_loss, rtol=1e-5, atol=1e-6)
 
 
 def other_encoder_configs():

@@ -1,6 +1,7 @@
-"""The ways out of the degenerate plan (docs/METHOD.md): the acoustic anchor, the cost's scale, the centred teacher,
-the contrastive loss, the ramp, the control aligners (diagonal, oracle) and the instruments that tell a degenerate
-plan from one that follows the speech. Each is checked against a computation written out independently here."""
+"""The ways out of the degenerate plan (docs/METHOD.md) as the model and the script use them: the acoustic anchor, the
+ramp, the control aligners (diagonal, oracle), their settings and inputs, and the instruments that tell a degenerate
+plan from one that follows the speech. Each is checked against a computation written out independently here; the
+transfer's own functions (cost scale, centred teacher, contrastive loss, padding share) are in test_transfer.py."""
 
 import json
 import math
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT, Wav2Vec2UOTConfig, solve_uot
-from modeling_uot_ctc.costs import character_anchor_cost, cost_spread
+from modeling_uot_ctc.costs import character_anchor_cost
 from modeling_uot_ctc.data import piece_word_indices, token_characters, token_frame_spans
 from modeling_uot_ctc.diagnostics import frames_per_token, token_discrimination
-from modeling_uot_ctc.modeling_wav2vec2_uot import alignment_cost, centred_states, transfer_terms
 from modeling_uot_ctc.reference_plans import diagonal_plan, oracle_plan, span_plan
 from modeling_uot_ctc.solver import ALIGNERS
+from modeling_uot_ctc.transfer import alignment_cost
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import run_experiments as experiments  # noqa: E402
@@ -48,38 +49,6 @@ def test_anchor_cost_is_one_minus_the_best_character_posterior():
                 if not (frame_mask[b, i] and token_mask[b, j]):
                     expected = 0.0
                 assert cost[b, i, j].item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_cost_scale_std_measures_eps_in_units_of_the_cost_spread():
-    gen = torch.Generator().manual_seed(1)
-    frames, tokens = torch.randn(2, 7, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
-    frame_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)
-    token_mask = torch.ones(2, 3, dtype=torch.bool)
-    scaled = alignment_cost(frames, tokens, frame_mask, token_mask, cost_scale="std")
-    for b, n_frames in enumerate((7, 4)):
-        cells = scaled[b, :n_frames].flatten().numpy()
-        assert np.std(cells) == pytest.approx(1.0, rel=1e-5)
-    assert (scaled[1, 4:] == 0).all()
-    flat = torch.zeros(1, 3, 2)
-    assert cost_spread(flat, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)) == 1
-
-
-def test_anchor_blend_and_centred_teacher():
-    gen = torch.Generator().manual_seed(2)
-    frames, tokens = torch.randn(1, 6, 8, generator=gen), torch.randn(1, 4, 8, generator=gen)
-    masks = torch.ones(1, 6, dtype=torch.bool), torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    log_probs = torch.randn(1, 6, 5, generator=gen).log_softmax(-1)
-    characters = (torch.rand(1, 4, 5, generator=gen) > 0.5).float()
-    cosine = alignment_cost(frames, tokens, *masks)
-    anchor = character_anchor_cost(log_probs, characters, *masks)
-    blended = alignment_cost(
-        frames, tokens, *masks, anchor_weight=0.25, log_probs=log_probs, token_characters=characters
-    )
-    torch.testing.assert_close(blended, 0.75 * cosine + 0.25 * anchor)
-    centred = centred_states(tokens, masks[1])
-    torch.testing.assert_close(centred[0, :3].mean(0), torch.zeros(8), atol=1e-6, rtol=0)
-    assert (centred[0, 3] == 0).all()
-    torch.testing.assert_close(centred[0, :3], tokens[0, :3] - tokens[0, :3].mean(0))
 
 
 def test_diagonal_plan_matches_the_evaluations_diagonal():
@@ -128,37 +97,6 @@ def test_instruments_tell_a_rank_one_plan_from_a_discriminating_one():
     uniform, diagonal = torch.full((1, 8, 4), 1 / 32), diagonal_plan(torch.zeros(1, 8, 4)).plan
     assert frames_per_token(uniform, token_mask).item() == pytest.approx(8.0)
     assert frames_per_token(diagonal, token_mask).item() == pytest.approx(2.0)
-
-
-def test_contrastive_loss_is_cross_entropy_over_the_batchs_tokens():
-    gen = torch.Generator().manual_seed(3)
-    frames = torch.randn(2, 6, 8, generator=gen)
-    teacher = torch.randn(2, 3, 8, generator=gen)
-    frame_mask = torch.ones(2, 6, dtype=torch.bool)
-    token_mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
-    spans = torch.tensor([[[0, 2], [2, 4], [4, 6]], [[0, 3], [3, 6], [0, 0]]])
-    settings = dict(aligner=oracle_plan_with(spans), solver_settings={})
-    loss, plans, _ = transfer_terms(frames, frame_mask, teacher, token_mask, kt_loss_type="infonce",
-                                    kt_temperature=0.2, **settings)
-    # Written out: pooled frames per token, cosine logits against the 5 valid states of the batch.
-    pooled = [frames[0, 0:2].mean(0), frames[0, 2:4].mean(0), frames[0, 4:6].mean(0), frames[1, 0:3].mean(0),
-              frames[1, 3:6].mean(0)]
-    valid = [teacher[0, 0], teacher[0, 1], teacher[0, 2], teacher[1, 0], teacher[1, 1]]
-    unit = lambda v: v / v.norm()  # noqa: E731
-    logits = torch.stack([torch.stack([unit(p) @ unit(z) for z in valid]) for p in pooled]) / 0.2
-    per_token = torch.nn.functional.cross_entropy(logits, torch.arange(5), reduction="none")
-    expected = (per_token[:3].mean() + per_token[3:].mean()) / 2
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    both, _, _ = transfer_terms(frames, frame_mask, teacher, token_mask, kt_loss_type="cosine+infonce",
-                                kt_temperature=0.2, **settings)
-    cosine, _, _ = transfer_terms(frames, frame_mask, teacher, token_mask, kt_loss_type="cosine", **settings)
-    torch.testing.assert_close(both, cosine + expected, rtol=1e-5, atol=1e-6)
-
-
-def oracle_plan_with(spans):
-    return lambda cost, frame_mask, token_mask, **settings: oracle_plan(
-        cost, frame_mask, token_mask, token_frame_spans=spans
-    )
 
 
 def test_ramp_after_the_warmup():
@@ -250,22 +188,6 @@ def test_the_script_trains_the_oracle_from_word_timings(tmp_path, teacher):
         # The oracle pools only inside words; speech_like's words fill the audio but the pauses between them.
         assert 0.0 <= entry["padding_mass"] < 0.2 and not math.isnan(entry["token_discrimination"])
         assert entry["kt_loss"] > 0
-
-
-def test_padding_share_leaves_out_utterances_without_timings():
-    from modeling_uot_ctc.modeling_wav2vec2_uot import padding_share
-
-    plans = torch.full((2, 4, 2), 1 / 8)
-    masks = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)
-    spans = torch.tensor([[[0, 2], [2, 3]], [[0, 0], [0, 0]]])  # the second utterance has no timings
-    share = padding_share(plans, *masks, spans)
-    assert share[0].item() == pytest.approx(0.25) and math.isnan(share[1].item())
-    assert padding_share(plans, *masks, None).isnan().all()
-    gen = torch.Generator().manual_seed(6)
-    frames, teacher = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 2, 8, generator=gen)
-    _, _, stats = transfer_terms(frames, *masks[:1], teacher, masks[1], aligner=diagonal_plan, solver_settings={},
-                                 token_frame_spans=spans)
-    assert stats[-1].item() == pytest.approx(0.25)  # the mean over the timed utterance only
 
 
 def test_anchor_refuses_inputs_of_another_batch():
