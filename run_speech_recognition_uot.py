@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -54,8 +55,19 @@ from modeling_uot_ctc.data import (
     token_characters,
     token_frame_spans,
 )
+from modeling_uot_ctc.language_model import (
+    ALPHABET_FILE,
+    LANGUAGE_MODEL_DIR,
+    build_language_model,
+    choose_weights,
+    find_kenlm_tool,
+    has_language_model,
+    store_weights,
+)
+from modeling_uot_ctc.language_model import decode as decode_with_language_model
 from modeling_uot_ctc.metrics import METRIC_PATHS
 from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher
+from modeling_uot_ctc.transcribe import log_probs as transcription_log_probs
 
 logger = hf_logging.get_logger(__name__)
 
@@ -236,9 +248,45 @@ class TransferArguments:
     )
 
 
+@dataclass
+class DecodingArguments:
+    """An n-gram language model for beam-search decoding beside greedy decoding (KenLM's estimator, pyctcdecode's
+    beam search; see modeling_uot_ctc.language_model)."""
+
+    lm_text: Optional[str] = field(
+        default=None,
+        metadata={"help": "Text for an n-gram language model saved with the model (alphabet.json and "
+                  "language_model/, the Hub's layout): a file with one sentence a line, normalised like the "
+                  "transcripts, or 'train' for the training transcripts. Never evaluation sentences. The evaluation "
+                  "then reports eval_wer_lm and eval_cer_lm beside the greedy figures."},
+    )
+    lm_order: int = field(default=3, metadata={"help": "Order of the n-gram model."})
+    lm_alpha: float = field(default=0.5, metadata={"help": "Weight of the language model in the beam search."})
+    lm_beta: float = field(default=1.0, metadata={"help": "Bonus per word in the beam search."})
+    lm_beam_width: int = field(default=32, metadata={"help": "Beams kept by the search."})
+    lm_tune_split_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "A validation split (of --dataset_name or --data_dir) on which lm_alpha and lm_beta are "
+                  "chosen from the grids below by WER before the evaluation; never the evaluation split."},
+    )
+    lm_tune_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "The same as a CSV or JSONL manifest (audio and text columns), whatever the training and "
+                  "evaluation data come from."},
+    )
+    lm_alpha_grid: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 1.5], metadata={"help": "lm_alpha values tried."}
+    )
+    lm_beta_grid: list[float] = field(
+        default_factory=lambda: [-1.0, 0.0, 1.0, 2.0], metadata={"help": "lm_beta values tried."}
+    )
+
+
 def parse_arguments(argv: list[str]):
     """Config files (JSON or YAML) first, each overriding the one before, then flags, which override them all."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TransferArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, TransferArguments, DecodingArguments, TrainingArguments)
+    )
     known = {action.dest for action in parser._actions}
     from_files = {}
     while argv and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -250,10 +298,10 @@ def parse_arguments(argv: list[str]):
         from_files.update(settings)
         argv = argv[1:]
     parser.set_defaults(**{k: _as_cli_default(v) for k, v in from_files.items()})
-    model_args, data_args, transfer_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, transfer_args, decoding_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if isinstance(model_args.model_config, str):
         model_args.model_config = json.loads(model_args.model_config)
-    return model_args, data_args, transfer_args, training_args
+    return model_args, data_args, transfer_args, decoding_args, training_args
 
 
 def _as_cli_default(value):
@@ -265,20 +313,28 @@ def _as_cli_default(value):
 
 
 def load_raw_datasets(
-    data_args: DataTrainingArguments, training_args: TrainingArguments, cache_dir: Optional[str] = None
+    data_args: DataTrainingArguments,
+    training_args: TrainingArguments,
+    cache_dir: Optional[str] = None,
+    decoding_args: Optional[DecodingArguments] = None,
 ) -> datasets.DatasetDict:
-    """Load train and eval splits with their audio left undecoded (bytes or paths), whatever the source."""
+    """Load train and eval splits (and the language model's tuning split, `lm_tune`, when one is named) with their
+    audio left undecoded (bytes or paths), whatever the source."""
     splits = {}
-    wanted = {"train": training_args.do_train, "eval": training_args.do_eval}
+    tune_split = decoding_args.lm_tune_split_name if decoding_args else None
+    tune_file = decoding_args.lm_tune_file if decoding_args else None
+    wanted = {"train": training_args.do_train, "eval": training_args.do_eval, "lm_tune": bool(tune_split)}
+    if tune_file:  # a manifest, whatever the other splits come from
+        splits["lm_tune"] = load_manifest(tune_file, data_args)
     if data_args.train_file or data_args.eval_file:
         files = {"train": data_args.train_file, "eval": data_args.eval_file}
         for split, path in files.items():
             if wanted[split] and path:
                 splits[split] = load_manifest(path, data_args)
     elif data_args.dataset_name or data_args.data_dir:
-        names = {"train": data_args.train_split_name, "eval": data_args.eval_split_name}
+        names = {"train": data_args.train_split_name, "eval": data_args.eval_split_name, "lm_tune": tune_split}
         for split, name in names.items():
-            if not wanted[split]:
+            if not wanted[split] or name is None:
                 continue
             if data_args.dataset_name:
                 splits[split] = datasets.load_dataset(
@@ -645,6 +701,12 @@ def write_model_card(output_dir, model, metrics, data_args, model_args, training
         {"type": name, "value": round(float(metrics[f"eval_{name}"]), 4), "name": name.upper()}
         for name in data_args.eval_metrics if f"eval_{name}" in metrics
     ]
+    language_model = has_language_model(output_dir)
+    results += [
+        {"type": name, "value": round(float(metrics[f"eval_{name}_lm"]), 4),
+         "name": f"{name.upper()} with the n-gram language model"}
+        for name in data_args.eval_metrics if f"eval_{name}_lm" in metrics
+    ]
     repo_id = (model_args.plain_hub_model_id if plain else training_args.hub_model_id) or output_dir
     model_name = os.path.basename(os.path.normpath(repo_id))
     front_matter = {
@@ -699,9 +761,24 @@ from transformers import pipeline
 asr = pipeline("automatic-speech-recognition", model="{repo_id}"{"" if plain else ", trust_remote_code=True"})
 print(asr("speech.wav")["text"])
 ```
-"""
+{_language_model_use(output_dir, repo_id) if language_model else ""}"""
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
+
+
+def _language_model_use(output_dir: str, repo_id: str) -> str:
+    with open(os.path.join(output_dir, LANGUAGE_MODEL_DIR, "attrs.json"), encoding="utf-8") as handle:
+        attrs = json.load(handle)
+    return f"""
+The folder also holds an n-gram language model (`language_model/`, KenLM; LM weight {attrs["alpha"]}, word bonus
+{attrs["beta"]}) for beam search with pyctcdecode (`pip install kenlm pygtrie` and
+`pip install --no-deps pyctcdecode==0.5.0`); the results above give greedy and LM decoding. With uot-asr installed,
+in a local copy of the folder:
+
+```bash
+python -m modeling_uot_ctc.transcribe {repo_id} speech.wav
+```
+"""
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -709,16 +786,18 @@ print(asr("speech.wav")["text"])
 
 def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None):
     """Run the recipe; `argv` replaces the command line and `callbacks` are added to the Trainer's."""
-    model_args, data_args, transfer_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, transfer_args, decoding_args, training_args = arguments
     if data_args.phoneme_language:
         raise NotImplementedError("Phoneme targets (--phoneme_language) are not supported: use character targets.")
     check_plain_export_arguments(model_args, training_args)
+    check_decoding_arguments(decoding_args, data_args, training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
     last_checkpoint = find_checkpoint(training_args)
 
     # 1. Data, with normalised transcripts.
-    raw = load_raw_datasets(data_args, training_args, model_args.cache_dir)
+    raw = load_raw_datasets(data_args, training_args, model_args.cache_dir, decoding_args)
     raw = raw.map(
         lambda text: {"normalised_text": normalise_text(text, data_args.chars_to_ignore, data_args.do_lower_case)},
         input_columns=[data_args.text_column_name],
@@ -730,6 +809,13 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         tokenizer = build_tokenizer(raw, model_args, data_args, training_args.output_dir)
     feature_extractor = load_feature_extractor(model_args, data_args)
     processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    # The n-gram language model, saved with the model (built first: a missing estimator stops the run here).
+    decoder = None
+    if decoding_args.lm_text and training_args.should_save:
+        decoder = build_language_model(
+            language_model_text(decoding_args, raw, data_args), training_args.output_dir, tokenizer,
+            decoding_args.lm_order, decoding_args.lm_alpha, decoding_args.lm_beta,
+        )
 
     # 3. The teacher (its width sizes the adapter).
     teacher = None
@@ -790,8 +876,21 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         results.update(train_metrics)
+    if decoder is not None and "lm_tune" in processed:
+        # The LM weight and the word bonus, chosen on the tuning split and stored with the model.
+        choice = tune_language_model(model, processed["lm_tune"], decoder, decoding_args)
+        store_weights(training_args.output_dir, choice["alpha"], choice["beta"])
+        tune_metrics = {"lm_alpha": choice["alpha"], "lm_beta": choice["beta"], "lm_tune_wer": choice["wer"],
+                        "lm_tune_samples": len(processed["lm_tune"])}
+        trainer.log_metrics("lm_tune", tune_metrics)
+        trainer.save_metrics("lm_tune", tune_metrics)
+        results.update(tune_metrics)
     if training_args.do_eval:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(processed["eval"])}
+        if decoder is not None:
+            eval_metrics.update(evaluate_with_language_model(
+                model, processed["eval"], decoder, data_args.eval_metrics, decoding_args.lm_beam_width
+            ))
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
@@ -845,6 +944,10 @@ def export_plain_model(model, processor, results, data_args, model_args, trainin
     folder = model_args.plain_model_dir
     model.save_plain_pretrained(folder)
     processor.save_pretrained(folder)
+    if has_language_model(training_args.output_dir):  # the n-gram model serves the plain copy as well
+        shutil.copy2(os.path.join(training_args.output_dir, ALPHABET_FILE), folder)
+        shutil.copytree(os.path.join(training_args.output_dir, LANGUAGE_MODEL_DIR),
+                        os.path.join(folder, LANGUAGE_MODEL_DIR), dirs_exist_ok=True)
     write_model_card(folder, model, results, data_args, model_args, training_args, plain=True)
     if model_args.plain_hub_model_id:
         from huggingface_hub import HfApi
@@ -855,6 +958,57 @@ def export_plain_model(model, processor, results, data_args, model_args, trainin
             repo_id=model_args.plain_hub_model_id, folder_path=folder,
             commit_message="Stock wav2vec2 CTC checkpoint, trained with uot-asr",
         )
+
+
+def check_decoding_arguments(decoding_args: DecodingArguments, data_args, training_args) -> None:
+    """Refuse, before any training, a language model that could not be built or weights tuned on the test data."""
+    if not decoding_args.lm_text:
+        if decoding_args.lm_tune_split_name or decoding_args.lm_tune_file:
+            raise ValueError("--lm_tune_split_name / --lm_tune_file tune a language model: give --lm_text too.")
+        return
+    if decoding_args.lm_text == "train" and not training_args.do_train:
+        raise ValueError("--lm_text train reads the training transcripts: it needs --do_train (or give a text file).")
+    if decoding_args.lm_text != "train" and not os.path.isfile(decoding_args.lm_text):
+        raise FileNotFoundError(f"--lm_text {decoding_args.lm_text}: no such file (or 'train').")
+    tune = decoding_args.lm_tune_split_name
+    if tune is not None and tune == data_args.eval_split_name:
+        raise ValueError(f"--lm_tune_split_name {tune} is the evaluation split: tune on a validation split.")
+    if decoding_args.lm_tune_file and decoding_args.lm_tune_file == data_args.eval_file:
+        raise ValueError("--lm_tune_file is the evaluation manifest: tune on a validation set.")
+    if training_args.should_save:
+        for tool in ("lmplz", "build_binary"):
+            find_kenlm_tool(tool)
+
+
+def language_model_text(decoding_args: DecodingArguments, raw: datasets.DatasetDict, data_args) -> list[str]:
+    """The language model's sentences, normalised as the transcripts are: the training transcripts, or a file."""
+    if decoding_args.lm_text == "train":
+        return list(raw["train"]["normalised_text"])
+    with open(decoding_args.lm_text, encoding="utf-8") as handle:
+        return [normalise_text(line, data_args.chars_to_ignore, data_args.do_lower_case) for line in handle]
+
+
+def _utterance_scores(model, dataset) -> list[np.ndarray]:
+    return transcription_log_probs(model, [np.asarray(values, dtype=np.float32) for values in dataset["input_values"]])
+
+
+def evaluate_with_language_model(model, dataset, decoder, metric_names, beam_width) -> dict:
+    """`eval_<metric>_lm`: the metrics of beam search with the language model, each utterance decoded alone."""
+    hypotheses = decode_with_language_model(decoder, _utterance_scores(model, dataset), beam_width)
+    references = list(dataset["normalised_text"])
+    results = {}
+    for name in metric_names:
+        metric = evaluate.load(METRIC_PATHS[name])
+        results[f"eval_{name}_lm"] = metric.compute(predictions=hypotheses, references=references)
+    return results
+
+
+def tune_language_model(model, dataset, decoder, decoding_args: DecodingArguments) -> dict:
+    """Choose `lm_alpha` and `lm_beta` from their grids by WER on `dataset` (see `choose_weights`)."""
+    return choose_weights(
+        decoder, _utterance_scores(model, dataset), list(dataset["normalised_text"]),
+        decoding_args.lm_alpha_grid, decoding_args.lm_beta_grid, decoding_args.lm_beam_width,
+    )
 
 
 def setup_logging(training_args: TrainingArguments) -> None:

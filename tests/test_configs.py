@@ -21,12 +21,12 @@ REALISTIC = {"librispeech_clean100.yaml": "THE AIR IS CLEAN, ISN'T IT?", "aishel
 
 def test_demo_and_ablations_parse():
     base = script.parse_arguments([DEMO])
-    assert base[2].aligner == "uot" and base[0].model_config["hidden_size"] == 144
+    assert base[2].aligner == "uot" and base[0].model_config["hidden_size"] == 144 and base[3].lm_text is None
     seen = set()
     for path in ABLATIONS:
-        model_args, data_args, transfer_args, training_args = script.parse_arguments([DEMO, path])
-        assert training_args.max_steps == base[3].max_steps  # same budget for every row
-        assert training_args.output_dir != base[3].output_dir
+        model_args, data_args, transfer_args, _, training_args = script.parse_arguments([DEMO, path])
+        assert training_args.max_steps == base[4].max_steps  # same budget for every row
+        assert training_args.output_dir != base[4].output_dir
         seen.add((transfer_args.aligner, transfer_args.rho_frames, transfer_args.temporal_order_weight))
     assert {("none", 1.0, 0.0), ("ot", 1.0, 0.0), ("ot", 1.0, 1.0)} <= seen
     assert {rho for aligner, rho, _ in seen if aligner == "uot"} == {0.1, 1.0, 10.0}
@@ -47,7 +47,7 @@ def stand_ins(tmp_path_factory):
 def test_realistic_config_builds_with_stand_ins(name, stand_ins, tmp_path):
     wav2vec2, teacher_path = stand_ins
     path = os.path.join(CONFIGS, name)
-    model_args, data_args, transfer_args, training_args = script.parse_arguments(
+    model_args, data_args, transfer_args, _, training_args = script.parse_arguments(
         [path, "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false"]
     )
     assert model_args.model_name_or_path == "facebook/wav2vec2-base"

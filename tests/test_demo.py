@@ -15,17 +15,18 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 import run_demo  # noqa: E402
 
-# Forty distinct sentences, one per utterance of the tiny corpus.
+# Sixty distinct sentences: forty for the tiny corpus, ten for its validation corpus, ten only the language model has.
 SENTENCES = [f"{who} {does} the {what}" for who in ("she", "he", "they", "we", "the cat")
-             for does in ("opened", "found") for what in ("door", "book", "window", "letter")]
+             for does in ("opened", "found", "closed") for what in ("door", "book", "window", "letter")]
 
 
 def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("\n".join(SENTENCES) + "\n")
-    outputs, corpus = tmp_path / "outputs", tmp_path / "corpus"
+    outputs, corpus, validation = tmp_path / "outputs", tmp_path / "corpus", tmp_path / "validation"
     results = run_demo.main([
         "--utterances", "40", "--start-steps", "3", "--steps", "2", "--corpus", str(corpus),
+        "--validation", str(validation), "--validation-utterances", "10",
         "--sentences", str(sentences), "--outputs", str(outputs),
         "--", "--model_config", json.dumps(TINY_MODEL), "--per_device_train_batch_size", "4",
         "--save_strategy", "no", "--report_to", "none",
@@ -40,8 +41,20 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert configs["demo_ctc"]["aligner"] == "none" and configs["demo_uot"]["aligner"] == "uot"
     assert configs["demo_uot"]["teacher_hidden_size"] == 384  # the MiniLM teacher
 
-    # Scores of heard and unheard voices, as printed and as saved.
-    assert set(results) == {"CTC only", "UOT-KT"}
+    # The language model: the sentences of neither the test split nor the validation corpus, in both rows' folders,
+    # with weights chosen on the validation corpus.
+    test_text = {row["text"] for row in run_demo.corpus_rows(str(corpus), ["test"])}
+    validation_text = {row["text"] for row in run_demo.corpus_rows(str(validation))}
+    lm_text = set((outputs / "demo_lm_text.txt").read_text().splitlines())
+    assert lm_text == set(SENTENCES) - test_text - validation_text and len(validation_text) == 10
+    for name in ("demo_ctc", "demo_uot"):
+        evaluation = json.load(open(outputs / name / "eval_results.json"))
+        assert {"eval_wer_lm", "eval_cer_lm"} <= set(evaluation)
+        attrs = json.load(open(outputs / name / "language_model" / "attrs.json"))
+        assert attrs["alpha"] == json.load(open(outputs / name / "all_results.json"))["lm_alpha"]
+
+    # Scores of heard and unheard voices, greedy and with the language model, as printed and as saved.
+    assert set(results) == {"CTC only, greedy", "CTC only, with LM", "UOT-KT, greedy", "UOT-KT, with LM"}
     saved = json.load(open(outputs / "demo_results.json"))
     for name, row in results.items():
         assert row == saved[name]
@@ -52,7 +65,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert "CER heard" in printed and "CER unheard" in printed
 
     # Transcripts from the stock pipeline, heard and unheard voices, and the plan picture.
-    assert printed.count("reference:") == printed.count("pipeline:") >= 2
+    assert printed.count("reference:") == printed.count("pipeline:") == printed.count("with LM:") >= 2
     assert "[heard voice" in printed and "[unheard voice" in printed
     picture = outputs / "demo_uot" / "alignment.png"
     Image.open(picture).verify()

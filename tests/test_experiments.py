@@ -25,7 +25,7 @@ CHARACTER_SECONDS = 0.07  # speech_like's pace
 def test_every_row_is_a_valid_script_command():
     names = set()
     for row in experiments.ROWS.values():
-        model_args, data_args, transfer_args, training_args = script.parse_arguments(row.train_argv(7))
+        model_args, data_args, transfer_args, _, training_args = script.parse_arguments(row.train_argv(7))
         assert training_args.seed == 7
         assert training_args.output_dir == os.path.join("outputs/experiments", row.name, "seed7")
         assert transfer_args.aligner == row.flags["aligner"]

@@ -106,7 +106,7 @@ def test_push_to_hub_delivers_a_loadable_model(corpus, teacher, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda *a, **k: pytest.fail("unexpected commit"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any real call fails at once
     argv = base_arguments(corpus, teacher, str(tmp_path / "out"), max_steps=2, push_to_hub=True,
-                          hub_model_id="someone/tiny-uot", hub_token="not-a-token",
+                          hub_model_id="someone/tiny-uot", hub_token="not-a-token", lm_text="train", lm_order=2,
                           plain_model_dir=str(tmp_path / "plain"), plain_hub_model_id="someone/tiny-plain")
     script.main(argv)
     delivered = hub / "someone" / "tiny-uot"
@@ -127,6 +127,13 @@ def test_push_to_hub_delivers_a_loadable_model(corpus, teacher, tmp_path, monkey
     audio = speech_like("open the door", np.random.default_rng(1))
     assert isinstance(asr(audio)["text"], str)
     assert plain_asr(audio)["text"] == asr(audio)["text"]
+    # Both repositories carry the n-gram model, which loads back into a decoder for the model's vocabulary.
+    from modeling_uot_ctc.language_model import load_decoder
+
+    for folder in (delivered, plain):
+        assert (folder / "alphabet.json").exists() and (folder / "language_model" / "2gram.bin").exists()
+        tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(str(folder))
+        assert isinstance(load_decoder(str(folder), tokenizer).decode(np.zeros((5, len(tokenizer)), np.float32)), str)
 
 
 class StopAt(TrainerCallback):
@@ -160,9 +167,10 @@ def test_help_prints_every_argument():
     done = subprocess.run([sys.executable, os.path.join(REPO, "run_speech_recognition_uot.py"), "--help"],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
-    parser = script.HfArgumentParser(
-        (script.ModelArguments, script.DataTrainingArguments, script.TransferArguments, script.TrainingArguments)
-    )
+    parser = script.HfArgumentParser((
+        script.ModelArguments, script.DataTrainingArguments, script.TransferArguments, script.DecodingArguments,
+        script.TrainingArguments,
+    ))
     names = {action.dest for action in parser._actions if action.dest != "help"}
     assert len(names) > 150
     missing = sorted(name for name in names if f"--{name}" not in done.stdout)
@@ -514,3 +522,71 @@ def test_hub_settings_reach_the_checkpoint_and_the_teacher(corpus, tmp_path, mon
     assert described["revision"] == "v2"
     assert described["fingerprint"] == script.TextTeacher(str(tmp_path / "teacher" / "v2")).fingerprint
     assert ("model", "secret") in seen and ("teacher", "secret") in seen
+
+
+# The n-gram language model: built from the training transcripts, tuned on a split, reported beside greedy decoding.
+
+
+def test_language_model_is_built_tuned_saved_and_reported_beside_greedy(corpus, teacher, tmp_path):
+    import jiwer
+    import kenlm
+    from pyctcdecode import BeamSearchDecoderCTC
+    from transformers import AutoProcessor
+
+    from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT
+    from modeling_uot_ctc.data import decode_audio
+
+    out = tmp_path / "out"
+    results = script.main(base_arguments(
+        corpus, teacher, str(out), max_steps=2, lm_text="train", lm_order=2, lm_tune_split_name="train",
+        lm_alpha_grid=[0.0, 0.5], lm_beta_grid=[0.0, 1.0],
+    ))
+    training_text = SENTENCES[:8]  # write_corpus's training sentences, normalised as the labels are
+    assert kenlm.Model(str(out / "language_model" / "2gram.bin")).order == 2
+    unigrams = (out / "language_model" / "unigrams.txt").read_text().split()
+    assert sorted(unigrams) == sorted({w for s in training_text for w in s.split()})
+    attrs = json.loads((out / "language_model" / "attrs.json").read_text())
+    assert (attrs["alpha"], attrs["beta"]) == (results["lm_alpha"], results["lm_beta"])
+    assert results["lm_alpha"] in (0.0, 0.5) and results["lm_beta"] in (0.0, 1.0)
+
+    # The figures, recomputed from the saved folder with pyctcdecode and jiwer directly, one file at a time.
+    saved = json.load(open(out / "eval_results.json"))
+    model = Wav2Vec2ForCTCWithUOT.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    decoder = BeamSearchDecoderCTC.load_from_dir(str(out))
+    references, hypotheses = [], []
+    for k, sentence in enumerate(SENTENCES[8:]):
+        audio = decode_audio(os.path.join(corpus, "test", f"test_{k:03d}.wav"))
+        with torch.no_grad():
+            logits = model(processor(audio, sampling_rate=16_000, return_tensors="pt").input_values).logits[0]
+        hypotheses.append(decoder.decode(torch.log_softmax(logits, -1).numpy(), beam_width=32))
+        references.append(sentence)
+    assert saved["eval_wer_lm"] == pytest.approx(jiwer.wer(references, hypotheses))
+    assert saved["eval_cer_lm"] == pytest.approx(jiwer.cer(references, hypotheses))
+    assert "eval_wer" in saved and "eval_cer" in saved  # greedy decoding beside it
+
+    card = (out / "README.md").read_text()
+    metrics = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"][0]["metrics"]
+    names = {m["name"]: m["value"] for m in metrics}
+    assert names["WER with the n-gram language model"] == pytest.approx(round(saved["eval_wer_lm"], 4))
+    assert names["WER"] == pytest.approx(round(saved["eval_wer"], 4))
+    assert "python -m modeling_uot_ctc.transcribe" in card
+
+    # The command-line entry decodes a file with the folder's language model, as the decoder above does.
+    done = subprocess.run(
+        [sys.executable, "-m", "modeling_uot_ctc.transcribe", str(out), os.path.join(corpus, "test", "test_000.wav")],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"{os.path.join(corpus, 'test', 'test_000.wav')}\t{hypotheses[0]}"
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    (dict(lm_text="/no/such/file.txt"), FileNotFoundError, "no such file"),
+    (dict(lm_text="train", lm_tune_split_name="test"), ValueError, "is the evaluation split"),
+    (dict(lm_tune_split_name="train"), ValueError, "give --lm_text too"),
+])
+def test_language_model_arguments_are_checked_before_training(corpus, teacher, tmp_path, flags, error, match):
+    with pytest.raises(error, match=match):
+        script.main(base_arguments(corpus, teacher, str(tmp_path / "out"), **flags))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
