@@ -246,6 +246,16 @@ class TransferArguments:
     alignment_graph_iterations: int = field(
         default=8, metadata={"help": "Solver iterations inside the CUDA graphs (see kt_cuda_graphs)."}
     )
+    plan_picture_every: int = field(
+        default=10,
+        metadata={"help": "Every this many logging steps, draw the transport plan of the first evaluation utterance "
+                  "(else the first training one) into TensorBoard (tag transfer/plan) and output_dir/plans/, when "
+                  "report_to includes tensorboard; 0: never."},
+    )
+
+
+# TransferArguments that steer the script, not the model: they stay out of its config.
+SCRIPT_ONLY_TRANSFER_ARGUMENTS = ("plan_picture_every",)
 
 
 @dataclass
@@ -619,6 +629,52 @@ class UOTTrainer(Trainer):
             super().create_model_card(*args, **kwargs)
 
 
+class PlanPictureCallback(TrainerCallback):
+    """Every `every` logging steps, the transport plan of one fixed utterance, drawn by
+    `modeling_uot_ctc.plotting.plot_alignment`, as an image in TensorBoard (tag `transfer/plan`, through the
+    Trainer's own TensorBoard writer) and as `<output_dir>/plans/step-<N>.png`, on the main process.
+
+    Args:
+        batch: the utterance as the training collator makes it (with its teacher states).
+        tokens: the teacher's word pieces of its transcript (the picture's labels).
+        every: logging steps between two pictures.
+        tensorboard: the Trainer's `TensorBoardCallback`, whose writer exists once training starts.
+    """
+
+    def __init__(self, batch: dict, tokens: list, every: int, tensorboard):
+        self.batch, self.tokens, self.every, self.tensorboard = batch, tokens, every, tensorboard
+        self.logged = 0
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if not state.is_world_process_zero or "loss" not in (logs or {}):
+            return
+        self.logged += 1
+        writer = getattr(self.tensorboard, "tb_writer", None)
+        if self.logged % self.every or writer is None:
+            return
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                batch = {k: v.to(model.device) for k, v in self.batch.items() if isinstance(v, torch.Tensor)}
+                plans = model(**batch, output_alignments=True).alignments
+        finally:
+            model.train(training)
+        if plans is None:  # the transfer did not run (a warm-up, or no teacher)
+            return
+        from PIL import Image
+
+        from modeling_uot_ctc.plotting import plot_alignment
+
+        # One utterance, so no padding: the plan is all of it.
+        path = os.path.join(args.output_dir, "plans", f"step-{state.global_step}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot_alignment(plans[0], path, tokens=self.tokens, title=f"transport plan at step {state.global_step}")
+        image = np.asarray(Image.open(path).convert("RGB"))
+        writer.add_image("transfer/plan", image, state.global_step, dataformats="HWC")
+        writer.flush()
+
+
 def blank_padding_frames(logits: torch.Tensor, input_lengths: torch.Tensor, model) -> torch.Tensor:
     """Make the frames past each utterance's end (`input_lengths` samples) predict the blank, which decoding drops.
 
@@ -676,7 +732,7 @@ def build_model(
         teacher_name_or_path=teacher_name,
         teacher_layer=transfer_args.teacher_layer,
         **{f.name: getattr(transfer_args, f.name) for f in dataclasses.fields(TransferArguments)
-           if not f.name.startswith("teacher_")},
+           if not f.name.startswith("teacher_") and f.name not in SCRIPT_ONLY_TRANSFER_ARGUMENTS},
     )
     if model_args.model_name_or_path:
         model = Wav2Vec2ForCTCWithUOT.from_plain_wav2vec2(
@@ -867,6 +923,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
             training_args.output_dir, model, results, data_args, model_args, training_args
         ),
     )
+    add_plan_pictures(trainer, processed, teacher_states, transfer_args, training_args)
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -958,6 +1015,20 @@ def export_plain_model(model, processor, results, data_args, model_args, trainin
             repo_id=model_args.plain_hub_model_id, folder_path=folder,
             commit_message="Stock wav2vec2 CTC checkpoint, trained with uot-asr",
         )
+
+
+def add_plan_pictures(trainer, processed, teacher_states, transfer_args, training_args) -> None:
+    """Give the Trainer a `PlanPictureCallback` when it reports to TensorBoard and the transfer has a teacher."""
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if not (transfer_args.plan_picture_every > 0 and teacher_states is not None and tensorboard is not None):
+        return
+    example = (processed["eval"] if "eval" in processed else processed["train"])[0]
+    tokens = teacher_states([example["normalised_text"]]).tokens[0]
+    trainer.add_callback(
+        PlanPictureCallback(trainer.data_collator([example]), tokens, transfer_args.plan_picture_every, tensorboard)
+    )
 
 
 def check_decoding_arguments(decoding_args: DecodingArguments, data_args, training_args) -> None:

@@ -299,7 +299,58 @@ def base_line(base_metrics) -> str:
     )
 
 
-def write_transfer_report(found, rows, base_metrics, output: str) -> None:
+def lm_table(found_lm, rows, baseline: str = "target_ctc") -> str:
+    """Greedy and n-gram decoding of the same runs: CER and WER, each against the baseline row's greedy decoding
+    (paired by seed, relative with its 95 % interval), decoding time, the weights chosen on the validation corpus."""
+    lines = [
+        "| row | decoding | seeds | CER | WER | ΔWER vs CTC greedy, relative | ΔCER vs CTC greedy, relative "
+        "| s per s of audio | LM weight, word bonus (validation WER) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = found_lm.get(baseline, {})
+    for name in rows:
+        runs = found_lm.get(name, {})
+        for decoding in ("greedy", "lm"):
+            if not runs:
+                lines.append(f"| {name} | {decoding} | 0 | not run yet | | | | | |")
+                continue
+            seeds = sorted(set(runs) & set(base))
+            cells = [str(len(runs)), mean_spread([m[decoding]["cer"] for m in runs.values()], 4),
+                     mean_spread([m[decoding]["wer"] for m in runs.values()], 4)]
+            for key in ("wer", "cer"):
+                differences = [runs[s][decoding][key] - base[s]["greedy"][key] for s in seeds]
+                baseline_values = [base[s]["greedy"][key] for s in seeds]
+                same = name == baseline and decoding == "greedy"
+                cells.append("–" if same else relative_cell(differences, baseline_values))
+            cells.append(f"{np.mean([m[decoding]['seconds_per_audio_second'] for m in runs.values()]):.4f}")
+            if decoding == "lm":
+                weights = sorted({(m["alpha"], m["beta"]) for m in runs.values()})
+                validation = np.mean([m["validation_wer"] for m in runs.values()])
+                cells.append(f"{', '.join(f'{a:g}, {b:g}' for a, b in weights)} ({validation:.3f})")
+            else:
+                cells.append("–")
+            label = "3-gram LM" if decoding == "lm" else "greedy"
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def lm_contrast_line(found_lm, row: str, baseline: str = "target_ctc") -> str:
+    """The transfer against CTC alone when both decode with the language model, paired by seed."""
+    runs, base = found_lm.get(row, {}), found_lm.get(baseline, {})
+    seeds = sorted(set(runs) & set(base))
+    if len(seeds) < 2:
+        return ""
+    parts = []
+    for key in ("wer", "cer"):
+        differences = [runs[s]["lm"][key] - base[s]["lm"][key] for s in seeds]
+        parts.append(f"{key.upper()} {relative_cell(differences, [base[s]['lm'][key] for s in seeds])}")
+    return f"With the language model on both sides, {row} against {baseline}: " + "; ".join(parts) + ".\n"
+
+
+LM_START, LM_END = "<!-- lm-table:start -->", "<!-- lm-table:end -->"
+
+
+def write_transfer_report(found, rows, base_metrics, output: str, found_lm=None) -> None:
     """Write the transfer experiments' tables into `<output>/RESULTS.md` between their markers, and the
     degree-of-matching plot of the chosen row into `<output>/results/`."""
     os.makedirs(os.path.join(output, "results"), exist_ok=True)
@@ -324,6 +375,14 @@ def write_transfer_report(found, rows, base_metrics, output: str) -> None:
     if TRANSFER_START not in text:
         text += f"\n{TRANSFER_START}\n{TRANSFER_END}\n"
     text = re.sub(re.escape(TRANSFER_START) + ".*?" + re.escape(TRANSFER_END), lambda _: generated, text, flags=re.S)
+    if found_lm is not None and LM_START in text:
+        lm_generated = (
+            f"{LM_START}\n<!-- written by `python experiments/run_experiments.py transfer-report` from each run's "
+            "lm_metrics.json (`python experiments/run_experiments.py lm`); edit the prose only -->\n\n"
+            + lm_table(found_lm, ["target_ctc", "target_uot_anchor"])
+            + "\n" + lm_contrast_line(found_lm, "target_uot_anchor") + f"{LM_END}"
+        )
+        text = re.sub(re.escape(LM_START) + ".*?" + re.escape(LM_END), lambda _: lm_generated, text, flags=re.S)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     print(f"wrote {path} and {output}/results/transfer_degree_of_matching.png")

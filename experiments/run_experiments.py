@@ -710,6 +710,37 @@ def _by_seeds(rows: list[Row], seeds) -> list:
     return [(list(s), group) for s, group in groups.items()]
 
 
+def _chars_to_ignore() -> list:
+    import yaml
+
+    with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
+        return yaml.safe_load(handle).get("chars_to_ignore")
+
+
+def run_lm(row_names, seeds, jobs: int) -> None:
+    """Train what is missing of the rows, build the language model and its validation corpus, then decode every run
+    that has no `lm_metrics.json` yet (each in a process of its own, `jobs` at a time)."""
+    from lm_decoding import LM_ROWS, prepare  # experiments/lm_decoding.py
+
+    rows = [ROWS[name] for name in (row_names or LM_ROWS)]
+    run_base()
+    run_many(rows, seeds, jobs)
+    prepare(ROOT, TARGET_CORPUS, run_dir(rows[0], seeds[0]), _chars_to_ignore())
+    folders = [run_dir(row, seed) for row in rows for seed in seeds]
+    todo = [folder for folder in folders if not os.path.isfile(os.path.join(folder, "lm_metrics.json"))]
+    print(f"{len(rows) * len(seeds)} runs asked for, {len(todo)} to decode, {jobs} at a time")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def decode(folder):
+        print(f"[{folder}] decoding greedily and with the language model", flush=True)
+        with open(os.path.join(folder, "lm.log"), "a", encoding="utf-8") as handle:
+            subprocess.run([sys.executable, __file__, "lm-decode", folder], cwd=ROOT, env=env, stdout=handle,
+                           stderr=subprocess.STDOUT, check=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(decode, todo))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     global RUNS_DIR
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -734,6 +765,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     report.add_argument("--output", default="docs")
     transfer_report = commands.add_parser("transfer-report", help="write the transfer tables of docs/RESULTS.md")
     transfer_report.add_argument("--output", default="docs")
+    lm = commands.add_parser("lm", help="greedy and n-gram decoding of stage-2 runs (experiments/lm_decoding.py)")
+    lm.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="rows (default: target_ctc target_uot_anchor)")
+    lm.add_argument("--seeds", nargs="+", type=int, default=list(TARGET_SEEDS))
+    lm.add_argument("--jobs", type=int, default=1, help="runs trained or decoded at a time")
+    lm_one = commands.add_parser("lm-decode", help="greedy and n-gram decoding of one stage-2 run folder")
+    lm_one.add_argument("folder")
     args = parser.parse_args(argv)
     RUNS_DIR = args.runs_dir
 
@@ -764,6 +801,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         from report import write_report  # experiments/report.py
 
         write_report(load_run_metrics(list(ROWS.values()), args.seeds), ROWS, args.output)
+    elif args.command == "lm":
+        run_lm(args.rows, args.seeds, args.jobs)
+    elif args.command == "lm-decode":
+        from lm_decoding import decode_run  # experiments/lm_decoding.py
+
+        print(json.dumps(decode_run(args.folder, TARGET_CORPUS, ROOT, _chars_to_ignore()), indent=1))
     elif args.command == "transfer-report":
         from report import write_transfer_report  # experiments/report.py
 
@@ -773,7 +816,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             found.update(load_run_metrics(group, seeds))
         base_path = os.path.join(BASE_DIR, "experiment_metrics.json")
         base = json.load(open(base_path, encoding="utf-8")) if os.path.isfile(base_path) else None
-        write_transfer_report(found, rows, base, args.output)
+        from lm_decoding import LM_ROWS, load_lm_metrics  # experiments/lm_decoding.py
+
+        found_lm = load_lm_metrics(
+            {(name, seed): run_dir(ROWS[name], seed) for name in LM_ROWS for seed in TARGET_SEEDS}
+        )
+        write_transfer_report(found, rows, base, args.output, found_lm)
 
 
 if __name__ == "__main__":

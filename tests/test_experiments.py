@@ -369,3 +369,34 @@ def test_transfer_table_pairs_by_seed_and_gives_the_relative_change():
     assert "[-0.0200, -0.0300]" in line and "-10.0%" in line
     assert "0.400 ± 0.000 (0.20)" in line
     assert "| target_oracle | 0 | not run yet |" in text
+
+
+def test_lm_table_compares_every_decoding_with_ctc_greedy_paired_by_seed():
+    def run(greedy_wer, lm_wer, greedy_cer=0.25, lm_cer=0.2):
+        return {"greedy": {"wer": greedy_wer, "cer": greedy_cer, "seconds_per_audio_second": 0.0001},
+                "lm": {"wer": lm_wer, "cer": lm_cer, "seconds_per_audio_second": 0.005},
+                "alpha": 0.5, "beta": 0.0, "validation_wer": 0.4}
+
+    found = {
+        "target_ctc": {0: run(0.60, 0.40), 1: run(0.80, 0.50)},
+        "target_uot_anchor": {0: run(0.60, 0.36), 1: run(0.80, 0.46)},
+    }
+    text = report.lm_table(found, ["target_ctc", "target_uot_anchor"])
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines()[2:]}
+    # CTC with the LM against CTC greedy: -0.20 and -0.30 against a mean of 0.70, -35.7 %.
+    assert "-35.7%" in lines[("target_ctc", "3-gram LM")]
+    assert "| – |" in lines[("target_ctc", "greedy")]
+    # The transfer with the LM: -0.24 and -0.34, -41.4 %; the weights and the validation WER beside it.
+    assert "-41.4%" in lines[("target_uot_anchor", "3-gram LM")] and "0.5, 0 (0.400)" in text
+    # Both with the LM: -0.04 each against 0.45, -8.9 %.
+    assert "WER -8.9%" in report.lm_contrast_line(found, "target_uot_anchor")
+    assert "not run yet" in report.lm_table({}, ["target_ctc"])
+
+
+def test_language_model_text_leaves_out_the_held_out_sentences():
+    from lm_decoding import language_model_text
+
+    text = language_model_text(
+        ["The cat sat.", "A dog ran!", "the cat sat", "Birds sing."], held_out=["A dog ran."], chars_to_ignore=[".", "!"]
+    )
+    assert text == ["the cat sat", "the cat sat", "birds sing"]

@@ -590,3 +590,25 @@ def test_language_model_arguments_are_checked_before_training(corpus, teacher, t
     with pytest.raises(error, match=match):
         script.main(base_arguments(corpus, teacher, str(tmp_path / "out"), **flags))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_transport_plan_is_drawn_into_tensorboard(corpus, teacher, tmp_path):
+    import glob
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    out = tmp_path / "out"
+    script.main(base_arguments(corpus, teacher, str(out), max_steps=4, report_to="tensorboard", plan_picture_every=2))
+    events = glob.glob(str(out / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+    folders = {os.path.dirname(path) for path in events}
+    assert len(folders) == 1
+    accumulator = EventAccumulator(folders.pop(), size_guidance={IMAGES: 0}).Reload()
+    assert "transfer/plan" in accumulator.Tags()["images"]
+    images = accumulator.Images("transfer/plan")
+    assert [image.step for image in images] == [2, 4]  # every second logging step (one a step here)
+    picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
+    drawn = Image.open(out / "plans" / "step-4.png")
+    assert picture.size == drawn.size and picture.size[0] > 100
+    assert "train/ctc_loss" in accumulator.Tags()["scalars"]  # beside the Trainer's own scalars
