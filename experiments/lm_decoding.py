@@ -2,6 +2,7 @@
 same trained models (docs/RESULTS.md, "Greedy, n-gram and transfer").
 
     python experiments/run_experiments.py lm                 # target_ctc and target_uot_anchor, five seeds each
+    python experiments/run_experiments.py lm-report          # their table in docs/RESULTS.md
 
 One 3-gram model (KenLM) of WordNet's example sentences less every sentence of the target's test split and of the
 LM's validation corpus; that corpus is 200 utterances of other sentences in the target's voices, padded as the

@@ -350,7 +350,26 @@ def lm_contrast_line(found_lm, row: str, baseline: str = "target_ctc") -> str:
 LM_START, LM_END = "<!-- lm-table:start -->", "<!-- lm-table:end -->"
 
 
-def write_transfer_report(found, rows, base_metrics, output: str, found_lm=None) -> None:
+def write_lm_report(found_lm, rows, output: str) -> None:
+    """Write the greedy-against-LM table of `rows` into `<output>/RESULTS.md` between its markers (added at the end
+    when missing)."""
+    generated = (
+        f"{LM_START}\n<!-- written by `python experiments/run_experiments.py lm-report` from each run's "
+        "lm_metrics.json (`python experiments/run_experiments.py lm`); edit the prose only -->\n\n"
+        + lm_table(found_lm, rows)
+        + "\n" + lm_contrast_line(found_lm, rows[-1], rows[0]) + f"{LM_END}"
+    )
+    path = os.path.join(output, "RESULTS.md")
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
+    if LM_START not in text:
+        text += f"\n{LM_START}\n{LM_END}\n"
+    text = re.sub(re.escape(LM_START) + ".*?" + re.escape(LM_END), lambda _: generated, text, flags=re.S)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(f"wrote the n-gram table of {path} ({sum(len(v) for v in found_lm.values())} runs)")
+
+
+def write_transfer_report(found, rows, base_metrics, output: str) -> None:
     """Write the transfer experiments' tables into `<output>/RESULTS.md` between their markers, and the
     degree-of-matching plot of the chosen row into `<output>/results/`."""
     os.makedirs(os.path.join(output, "results"), exist_ok=True)
@@ -375,14 +394,7 @@ def write_transfer_report(found, rows, base_metrics, output: str, found_lm=None)
     if TRANSFER_START not in text:
         text += f"\n{TRANSFER_START}\n{TRANSFER_END}\n"
     text = re.sub(re.escape(TRANSFER_START) + ".*?" + re.escape(TRANSFER_END), lambda _: generated, text, flags=re.S)
-    if found_lm is not None and LM_START in text:
-        lm_generated = (
-            f"{LM_START}\n<!-- written by `python experiments/run_experiments.py transfer-report` from each run's "
-            "lm_metrics.json (`python experiments/run_experiments.py lm`); edit the prose only -->\n\n"
-            + lm_table(found_lm, ["target_ctc", "target_uot_anchor"])
-            + "\n" + lm_contrast_line(found_lm, "target_uot_anchor") + f"{LM_END}"
-        )
-        text = re.sub(re.escape(LM_START) + ".*?" + re.escape(LM_END), lambda _: lm_generated, text, flags=re.S)
+
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     print(f"wrote {path} and {output}/results/transfer_degree_of_matching.png")

@@ -16,6 +16,8 @@ target set (stage 2), every variant first on a validation split, then the table'
     python experiments/run_experiments.py base                           # corpora and the stage-1 model
     python experiments/run_experiments.py run --regimes target-tune target --jobs 2
     python experiments/run_experiments.py transfer-report                # section 1's tables
+    python experiments/run_experiments.py lm                             # greedy and n-gram decoding of two rows
+    python experiments/run_experiments.py lm-report                      # their table
 
 Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
 software. The evaluation adds what the training script does not measure: WER and CER for voices heard in
@@ -771,6 +773,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     lm.add_argument("--jobs", type=int, default=1, help="runs trained or decoded at a time")
     lm_one = commands.add_parser("lm-decode", help="greedy and n-gram decoding of one stage-2 run folder")
     lm_one.add_argument("folder")
+    lm_report = commands.add_parser("lm-report", help="write the greedy-against-LM table of docs/RESULTS.md")
+    lm_report.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
     RUNS_DIR = args.runs_dir
 
@@ -816,12 +820,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             found.update(load_run_metrics(group, seeds))
         base_path = os.path.join(BASE_DIR, "experiment_metrics.json")
         base = json.load(open(base_path, encoding="utf-8")) if os.path.isfile(base_path) else None
+        write_transfer_report(found, rows, base, args.output)
+    elif args.command == "lm-report":
         from lm_decoding import LM_ROWS, load_lm_metrics  # experiments/lm_decoding.py
+        from report import write_lm_report  # experiments/report.py
 
         found_lm = load_lm_metrics(
             {(name, seed): run_dir(ROWS[name], seed) for name in LM_ROWS for seed in TARGET_SEEDS}
         )
-        write_transfer_report(found, rows, base, args.output, found_lm)
+        write_lm_report(found_lm, list(LM_ROWS), args.output)
 
 
 if __name__ == "__main__":
