@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -67,6 +68,7 @@ from modeling_uot_ctc.language_model import (
 from modeling_uot_ctc.language_model import decode as decode_with_language_model
 from modeling_uot_ctc.metrics import METRIC_PATHS
 from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher
+from modeling_uot_ctc.transcribe import greedy
 from modeling_uot_ctc.transcribe import log_probs as transcription_log_probs
 
 logger = hf_logging.get_logger(__name__)
@@ -249,8 +251,8 @@ class TransferArguments:
     plan_picture_every: int = field(
         default=10,
         metadata={"help": "Every this many logging steps, draw the transport plan of the first evaluation utterance "
-                  "(else the first training one) into TensorBoard (tag transfer/plan) and output_dir/plans/, when "
-                  "report_to includes tensorboard; 0: never."},
+                  "(else the first training one) into TensorBoard (tag transfer/plan), when report_to includes "
+                  "tensorboard; 0: never."},
     )
 
 
@@ -410,7 +412,8 @@ def build_tokenizer(raw: datasets.DatasetDict, model_args, data_args, output_dir
             trust_remote_code=data_args.trust_remote_code,
         )
     characters = set()
-    for dataset in raw.values():
+    # Not from the language model's tuning split, which the model never learns from.
+    for dataset in (raw[split] for split in ("train", "eval") if split in raw):
         for text in dataset["normalised_text"]:
             characters.update(text)
     characters.discard(" ")
@@ -666,11 +669,12 @@ class PlanPictureCallback(TrainerCallback):
 
         from modeling_uot_ctc.plotting import plot_alignment
 
-        # One utterance, so no padding: the plan is all of it.
-        path = os.path.join(args.output_dir, "plans", f"step-{state.global_step}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        plot_alignment(plans[0], path, tokens=self.tokens, title=f"transport plan at step {state.global_step}")
-        image = np.asarray(Image.open(path).convert("RGB"))
+        # One utterance, so no padding: the plan is all of it. Drawn through a file, which is all `plot_alignment`
+        # writes, and kept only in the event file.
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "plan.png")
+            plot_alignment(plans[0], path, tokens=self.tokens, title=f"transport plan at step {state.global_step}")
+            image = np.asarray(Image.open(path).convert("RGB"))
         writer.add_image("transfer/plan", image, state.global_step, dataformats="HWC")
         writer.flush()
 
@@ -787,6 +791,12 @@ def write_model_card(output_dir, model, metrics, data_args, model_args, training
         "alignment_grad_mode", "kt_cuda_graphs", "alignment_graph_iterations")}
     rows = "\n".join(f"| `{k}` | {'inf (hard)' if v is None and k.startswith('rho') else v} |" for k, v in settings.items())
     result_lines = "\n".join(f"- {r['name']}: {r['value']}" for r in results) or "- (not evaluated)"
+    # Greedy decoding of the scores the language model's figures start from (one utterance at a time): the pair
+    # that isolates the decoder. Left out of the model index, whose greedy figure is the Trainer's.
+    result_lines += "".join(
+        f"\n- {name.upper()}, greedy, each utterance alone: {round(float(metrics[f'eval_{name}_greedy']), 4)}"
+        for name in data_args.eval_metrics if f"eval_{name}_greedy" in metrics
+    )
     card = f"""---
 {yaml.safe_dump(front_matter, sort_keys=False).strip()}
 ---
@@ -828,8 +838,8 @@ def _language_model_use(output_dir: str, repo_id: str) -> str:
     return f"""
 The folder also holds an n-gram language model (`language_model/`, KenLM; LM weight {attrs["alpha"]}, word bonus
 {attrs["beta"]}) for beam search with pyctcdecode (`pip install kenlm pygtrie` and
-`pip install --no-deps pyctcdecode==0.5.0`); the results above give greedy and LM decoding. With uot-asr installed,
-in a local copy of the folder:
+`pip install --no-deps pyctcdecode==0.5.0`); the results above give greedy and LM decoding. With uot-asr installed
+(the repository is fetched whole the first time):
 
 ```bash
 python -m modeling_uot_ctc.transcribe {repo_id} speech.wav
@@ -842,8 +852,9 @@ python -m modeling_uot_ctc.transcribe {repo_id} speech.wav
 
 def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None):
     """Run the recipe; `argv` replaces the command line and `callbacks` are added to the Trainer's."""
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, transfer_args, decoding_args, training_args = arguments
+    model_args, data_args, transfer_args, decoding_args, training_args = parse_arguments(
+        sys.argv[1:] if argv is None else argv
+    )
     if data_args.phoneme_language:
         raise NotImplementedError("Phoneme targets (--phoneme_language) are not supported: use character targets.")
     check_plain_export_arguments(model_args, training_args)
@@ -865,9 +876,10 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         tokenizer = build_tokenizer(raw, model_args, data_args, training_args.output_dir)
     feature_extractor = load_feature_extractor(model_args, data_args)
     processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    # The n-gram language model, saved with the model (built first: a missing estimator stops the run here).
+    # The n-gram language model, saved with the model by the first process, which alone decodes with it (built
+    # first: a missing estimator stops the run here).
     decoder = None
-    if decoding_args.lm_text and training_args.should_save:
+    if decoding_args.lm_text and training_args.process_index == 0:
         decoder = build_language_model(
             language_model_text(decoding_args, raw, data_args), training_args.output_dir, tokenizer,
             decoding_args.lm_order, decoding_args.lm_alpha, decoding_args.lm_beta,
@@ -903,7 +915,10 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         else:
             teacher_states = TeacherStateCache(teacher, transfer_args.teacher_cache_dir)
             with training_args.main_process_first(desc="teacher states"):
-                teacher_states.fill({t for split in processed.values() for t in split["normalised_text"]})
+                teacher_states.fill({
+                    text for split in ("train", "eval") if split in processed
+                    for text in processed[split]["normalised_text"]
+                })
 
     # 7. Train and evaluate.
     training_args.remove_unused_columns = False
@@ -933,6 +948,10 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         results.update(train_metrics)
+    eval_metrics = {}
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(processed["eval"])}
+    # The n-gram decoding runs in the first process alone, after every step that needs all of them.
     if decoder is not None and "lm_tune" in processed:
         # The LM weight and the word bonus, chosen on the tuning split and stored with the model.
         choice = tune_language_model(model, processed["lm_tune"], decoder, decoding_args)
@@ -943,10 +962,9 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         trainer.save_metrics("lm_tune", tune_metrics)
         results.update(tune_metrics)
     if training_args.do_eval:
-        eval_metrics = {**trainer.evaluate(), "eval_samples": len(processed["eval"])}
         if decoder is not None:
             eval_metrics.update(evaluate_with_language_model(
-                model, processed["eval"], decoder, data_args.eval_metrics, decoding_args.lm_beam_width
+                model, processed["eval"], decoder, tokenizer, data_args.eval_metrics, decoding_args.lm_beam_width
             ))
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -1024,6 +1042,8 @@ def add_plan_pictures(trainer, processed, teacher_states, transfer_args, trainin
     tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
     if not (transfer_args.plan_picture_every > 0 and teacher_states is not None and tensorboard is not None):
         return
+    if "train" not in processed:  # nothing trains, so nothing is logged
+        return
     example = (processed["eval"] if "eval" in processed else processed["train"])[0]
     tokens = teacher_states([example["normalised_text"]]).tokens[0]
     trainer.add_callback(
@@ -1032,21 +1052,36 @@ def add_plan_pictures(trainer, processed, teacher_states, transfer_args, trainin
 
 
 def check_decoding_arguments(decoding_args: DecodingArguments, data_args, training_args) -> None:
-    """Refuse, before any training, a language model that could not be built or weights tuned on the test data."""
+    """Refuse, before any training, a language model that could not be built, that one process could not decode
+    with, or whose weights would be tuned on the test data."""
+    tune_split, tune_file = decoding_args.lm_tune_split_name, decoding_args.lm_tune_file
     if not decoding_args.lm_text:
-        if decoding_args.lm_tune_split_name or decoding_args.lm_tune_file:
+        if tune_split or tune_file:
             raise ValueError("--lm_tune_split_name / --lm_tune_file tune a language model: give --lm_text too.")
         return
     if decoding_args.lm_text == "train" and not training_args.do_train:
         raise ValueError("--lm_text train reads the training transcripts: it needs --do_train (or give a text file).")
     if decoding_args.lm_text != "train" and not os.path.isfile(decoding_args.lm_text):
         raise FileNotFoundError(f"--lm_text {decoding_args.lm_text}: no such file (or 'train').")
-    tune = decoding_args.lm_tune_split_name
-    if tune is not None and tune == data_args.eval_split_name:
-        raise ValueError(f"--lm_tune_split_name {tune} is the evaluation split: tune on a validation split.")
-    if decoding_args.lm_tune_file and decoding_args.lm_tune_file == data_args.eval_file:
+    if training_args.fsdp or training_args.deepspeed:
+        raise ValueError(
+            "--lm_text: the n-gram decoding runs the model in one process, and FSDP or DeepSpeed splits it across "
+            "all of them. Train without --lm_text, then build and tune the language model on the saved model with "
+            "`python -m modeling_uot_ctc.language_model`."
+        )
+    if tune_split and tune_file:
+        raise ValueError("Give one of --lm_tune_split_name and --lm_tune_file, not both.")
+    if tune_split and (data_args.train_file or data_args.eval_file):
+        raise ValueError(
+            f"--lm_tune_split_name {tune_split} names a split of --dataset_name or --data_dir, but the data come from "
+            "manifests (--train_file / --eval_file): give the tuning set as --lm_tune_file."
+        )
+    # A slice of the evaluation split (`test[:100]`) is still the test data.
+    if tune_split and tune_split.split("[")[0].strip() == data_args.eval_split_name.split("[")[0].strip():
+        raise ValueError(f"--lm_tune_split_name {tune_split} is the evaluation split: tune on a validation split.")
+    if tune_file and data_args.eval_file and os.path.abspath(tune_file) == os.path.abspath(data_args.eval_file):
         raise ValueError("--lm_tune_file is the evaluation manifest: tune on a validation set.")
-    if training_args.should_save:
+    if training_args.process_index == 0:
         for tool in ("lmplz", "build_binary"):
             find_kenlm_tool(tool)
 
@@ -1063,14 +1098,18 @@ def _utterance_scores(model, dataset) -> list[np.ndarray]:
     return transcription_log_probs(model, [np.asarray(values, dtype=np.float32) for values in dataset["input_values"]])
 
 
-def evaluate_with_language_model(model, dataset, decoder, metric_names, beam_width) -> dict:
-    """`eval_<metric>_lm`: the metrics of beam search with the language model, each utterance decoded alone."""
-    hypotheses = decode_with_language_model(decoder, _utterance_scores(model, dataset), beam_width)
+def evaluate_with_language_model(model, dataset, decoder, tokenizer, metric_names, beam_width) -> dict:
+    """`eval_<metric>_lm`: the metrics of beam search with the language model, each utterance scored alone; and
+    `eval_<metric>_greedy`: those of greedy decoding of the same scores, so that the two differ in the decoder only
+    (`eval_<metric>` comes from padded batches)."""
+    scores = _utterance_scores(model, dataset)
     references = list(dataset["normalised_text"])
+    decoded = {"lm": decode_with_language_model(decoder, scores, beam_width), "greedy": greedy(tokenizer, scores)}
     results = {}
     for name in metric_names:
         metric = evaluate.load(METRIC_PATHS[name])
-        results[f"eval_{name}_lm"] = metric.compute(predictions=hypotheses, references=references)
+        for way, hypotheses in decoded.items():
+            results[f"eval_{name}_{way}"] = metric.compute(predictions=hypotheses, references=references)
     return results
 
 

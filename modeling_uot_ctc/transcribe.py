@@ -2,6 +2,7 @@
 
     python -m modeling_uot_ctc.transcribe outputs/demo_uot speech.wav other.flac
     python -m modeling_uot_ctc.transcribe outputs/demo_uot speech.wav --greedy
+    python -m modeling_uot_ctc.transcribe your-name/your-model speech.wav    # a Hub repository, fetched whole
 
 Prints one `file<TAB>transcript` line a file. The language model is used when the model's folder has one
 (`alphabet.json` and `language_model/`, see `modeling_uot_ctc.language_model`). The functions are the library's way
@@ -12,6 +13,7 @@ pipeline (`pipeline(..., decoder=load_decoder(folder))`, deprecated there) and t
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -79,11 +81,17 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from . import Wav2Vec2UOTConfig  # noqa: F401  (registers the UOT model with the auto classes)
 
-    model = AutoModelForCTC.from_pretrained(args.model)
-    processor = Wav2Vec2Processor.from_pretrained(args.model)
+    folder = args.model
+    if not os.path.isdir(folder):
+        # A Hub name: the language model's files are read from disk, so the whole repository is fetched.
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(args.model)
+    model = AutoModelForCTC.from_pretrained(folder)
+    processor = Wav2Vec2Processor.from_pretrained(folder)
     decoder = None
-    if not args.greedy and has_language_model(args.model):
-        decoder = load_decoder(args.model, processor.tokenizer, alpha=args.alpha, beta=args.beta)
+    if not args.greedy and has_language_model(folder):
+        decoder = load_decoder(folder, processor.tokenizer, alpha=args.alpha, beta=args.beta)
     audio = [decode_audio(path, where=path) for path in args.files]
     for path, text in zip(args.files, transcribe(model, processor, audio, decoder, args.beam_width)):
         print(f"{path}\t{text}")
