@@ -13,7 +13,6 @@ utterance at a time, the same log-probabilities for all). Writes the figures to 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -29,9 +28,9 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from modeling_uot_ctc.corpus import wordnet_sentences  # noqa: E402
+from modeling_uot_ctc.corpus import read_corpus, wordnet_sentences  # noqa: E402
 from modeling_uot_ctc.data import SAMPLING_RATE, decode_audio, normalise_text  # noqa: E402
-from modeling_uot_ctc.language_model import decoder_labels, estimate_ngram  # noqa: E402
+from modeling_uot_ctc.language_model import decoder_labels, estimate_ngram, text_without  # noqa: E402
 from modeling_uot_ctc.transcribe import greedy, log_probs  # noqa: E402
 
 # The demo's normalisation of transcripts (configs/demo.yaml).
@@ -41,14 +40,8 @@ BEAM = 32
 
 
 def rows_of(corpus: str, splits) -> list[dict]:
-    rows = []
-    for split in splits:
-        path = os.path.join(corpus, split, "metadata.csv")
-        for row in csv.DictReader(open(path, encoding="utf-8")):
-            row["path"] = os.path.join(corpus, split, row["file_name"])
-            row["reference"] = normalise_text(row["text"], CHARS_TO_IGNORE, True)
-            rows.append(row)
-    return rows
+    return [{**row, "reference": normalise_text(row["text"], CHARS_TO_IGNORE, True)}
+            for row in read_corpus(corpus, splits)]
 
 
 def pyctcdecode_search(labels, binary, words):
@@ -136,12 +129,11 @@ def main() -> None:
     figures = {"greedy": {"wer": jiwer.wer(test_refs, hypotheses), "cer": jiwer.cer(test_refs, hypotheses),
                           "seconds_per_audio_second": (time.perf_counter() - started) / test_seconds}}
 
-    held_out = {r["reference"] for r in test + validation}
     texts = {
         "training transcripts": [r["reference"] for r in rows_of(args.test, ["train"])],
-        "WordNet less test and validation": [
-            s for s in (normalise_text(x, CHARS_TO_IGNORE, True) for x in wordnet_sentences()) if s not in held_out
-        ],
+        "WordNet less test and validation": text_without(
+            wordnet_sentences(), [r["text"] for r in test + validation], CHARS_TO_IGNORE
+        ),
     }
     labels = decoder_labels(tokenizer)
     vocab = tokenizer.get_vocab()

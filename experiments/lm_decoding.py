@@ -13,7 +13,6 @@ its `lm_metrics.json`; a run that has one is not decoded again.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -36,23 +35,6 @@ CORPUS_COMMANDS = {
 }
 
 
-def corpus_rows(corpus: str, splits=("train", "test")) -> list[dict]:
-    rows = []
-    for split in splits:
-        with open(os.path.join(corpus, split, "metadata.csv"), newline="", encoding="utf-8") as handle:
-            rows += [{**row, "path": os.path.join(corpus, split, row["file_name"])} for row in csv.DictReader(handle)]
-    return rows
-
-
-def language_model_text(sentences, held_out, chars_to_ignore) -> list[str]:
-    """`sentences` normalised as the transcripts are, less every sentence of `held_out` (raw transcripts)."""
-    from modeling_uot_ctc.data import normalise_text
-
-    normalise = lambda text: normalise_text(text, chars_to_ignore, True)  # noqa: E731
-    excluded = {normalise(text) for text in held_out}
-    return [line for line in map(normalise, sentences) if line and line not in excluded]
-
-
 def prepare(root: str, test_corpus: str, tokenizer_folder: str, chars_to_ignore, log=print) -> None:
     """Build the LM's validation corpus and the language model (in LM_DIR), unless they are there."""
     for folder, command in CORPUS_COMMANDS.items():
@@ -63,12 +45,12 @@ def prepare(root: str, test_corpus: str, tokenizer_folder: str, chars_to_ignore,
         return
     from transformers import AutoTokenizer
 
-    from modeling_uot_ctc.corpus import wordnet_sentences
-    from modeling_uot_ctc.language_model import build_language_model
+    from modeling_uot_ctc.corpus import read_corpus, wordnet_sentences
+    from modeling_uot_ctc.language_model import build_language_model, text_without
 
-    held_out = [r["text"] for r in corpus_rows(os.path.join(root, test_corpus), ["test"])]
-    held_out += [r["text"] for r in corpus_rows(os.path.join(root, LM_VALID))]
-    text = language_model_text(wordnet_sentences(), held_out, chars_to_ignore)
+    held_out = [r["text"] for r in read_corpus(os.path.join(root, test_corpus), ["test"])]
+    held_out += [r["text"] for r in read_corpus(os.path.join(root, LM_VALID))]
+    text = text_without(wordnet_sentences(), held_out, chars_to_ignore)
     os.makedirs(os.path.join(root, LM_DIR), exist_ok=True)
     with open(os.path.join(root, LM_DIR, "text.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(text) + "\n")
@@ -83,6 +65,7 @@ def decode_run(folder: str, test_corpus: str, root: str, chars_to_ignore) -> dic
     from transformers import Wav2Vec2Processor
 
     from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT
+    from modeling_uot_ctc.corpus import read_corpus
     from modeling_uot_ctc.data import SAMPLING_RATE, decode_audio, normalise_text
     from modeling_uot_ctc.language_model import choose_weights, decode, load_decoder
     from modeling_uot_ctc.transcribe import greedy, log_probs
@@ -96,8 +79,8 @@ def decode_run(folder: str, test_corpus: str, root: str, chars_to_ignore) -> dic
         references = [normalise_text(r["text"], chars_to_ignore, True) for r in rows]
         return log_probs(model, features), references, sum(len(a) for a in audio) / SAMPLING_RATE
 
-    validation, validation_refs, _ = scored(corpus_rows(os.path.join(root, LM_VALID)))
-    test, test_refs, seconds = scored(corpus_rows(os.path.join(root, test_corpus), ["test"]))
+    validation, validation_refs, _ = scored(read_corpus(os.path.join(root, LM_VALID)))
+    test, test_refs, seconds = scored(read_corpus(os.path.join(root, test_corpus), ["test"]))
     decoder = load_decoder(os.path.join(root, LM_DIR), processor.tokenizer)
     choice = choose_weights(decoder, validation, validation_refs, ALPHAS, BETAS)
     started = time.perf_counter()

@@ -312,6 +312,20 @@ def _row(utterance: Utterance, words) -> dict:
     }
 
 
+def read_corpus(folder: str, splits: Iterable[str] = ("train", "test")) -> list[dict]:
+    """The rows of a corpus's `metadata.csv` files, split after split, each with `path`, its audio file.
+
+    Args:
+        folder: a corpus folder as `build_corpus` writes it (one folder per split).
+        splits: the splits to read, in this order.
+    """
+    rows = []
+    for split in splits:
+        with open(os.path.join(folder, split, "metadata.csv"), newline="", encoding="utf-8") as handle:
+            rows += [{**row, "path": os.path.join(folder, split, row["file_name"])} for row in csv.DictReader(handle)]
+    return rows
+
+
 def pad_corpus(
     source: str,
     output: str,

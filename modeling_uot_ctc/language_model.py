@@ -131,6 +131,22 @@ def build_language_model(
     return load_decoder(model_dir, tokenizer)
 
 
+def text_without(sentences: Iterable[str], held_out: Iterable[str], chars_to_ignore: Sequence[str]) -> list[str]:
+    """A language model's text: `sentences` normalised as transcripts are (lower case, `chars_to_ignore` removed),
+    less every one of `held_out` (raw transcripts, e.g. the test and validation sentences) and empty lines.
+
+    Args:
+        sentences: the text, one sentence an item.
+        held_out: sentences the model must not have seen.
+        chars_to_ignore: characters removed before the comparison, as the training script removes them.
+    """
+    from .data import normalise_text
+
+    normalise = lambda text: normalise_text(text, chars_to_ignore, True)  # noqa: E731
+    excluded = {normalise(text) for text in held_out}
+    return [line for line in map(normalise, sentences) if line and line not in excluded]
+
+
 def has_language_model(model_dir: str) -> bool:
     """Whether `model_dir` holds a language model in the layout above."""
     return os.path.isfile(os.path.join(model_dir, ALPHABET_FILE)) and os.path.isdir(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import json
 import os
 import subprocess
@@ -49,14 +48,6 @@ def build_corpus(corpus: str, utterances: int, sentences: str | None, *options: 
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def corpus_rows(corpus: str, splits=("train", "test")) -> list[dict]:
-    rows = []
-    for split in splits:
-        for row in csv.DictReader(open(os.path.join(corpus, split, "metadata.csv"), encoding="utf-8")):
-            rows.append({**row, "path": os.path.join(corpus, split, row["file_name"])})
-    return rows
-
-
 def language_model_inputs(corpus: str, validation: str, sentences: str | None, chars_to_ignore, outputs: str):
     """The language model's text and the manifest of the split its weights are chosen on.
 
@@ -64,23 +55,22 @@ def language_model_inputs(corpus: str, validation: str, sentences: str | None, c
     transcripts are, less every test and validation sentence: general English text, as a LibriSpeech recipe's LM
     corpus is, that has never seen the evaluation's sentences. Returns `(text file, validation manifest)`.
     """
-    from modeling_uot_ctc.corpus import clean_sentences, wordnet_sentences
-    from modeling_uot_ctc.data import normalise_text
+    from modeling_uot_ctc.corpus import clean_sentences, read_corpus, wordnet_sentences
+    from modeling_uot_ctc.language_model import text_without
 
     if sentences:
         with open(sentences, encoding="utf-8") as handle:
             pool = clean_sentences(handle)
     else:
         pool = wordnet_sentences()
-    normalise = lambda text: normalise_text(text, chars_to_ignore, True)  # noqa: E731
-    held_out = {normalise(r["text"]) for r in corpus_rows(corpus, ["test"]) + corpus_rows(validation)}
-    text = [line for line in map(normalise, pool) if line and line not in held_out]
+    held_out = [r["text"] for r in read_corpus(corpus, ["test"]) + read_corpus(validation)]
+    text = text_without(pool, held_out, chars_to_ignore)
     text_path, manifest = os.path.join(outputs, "demo_lm_text.txt"), os.path.join(outputs, "demo_validation.jsonl")
     os.makedirs(outputs, exist_ok=True)
     with open(text_path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(text) + "\n")
     with open(manifest, "w", encoding="utf-8") as handle:
-        for row in corpus_rows(validation):
+        for row in read_corpus(validation):
             handle.write(json.dumps({"audio": row["path"], "text": row["text"]}) + "\n")
     return text_path, manifest
 
@@ -139,13 +129,14 @@ def transcribe_test_split(folder: str, corpus: str) -> tuple[list[dict], list[di
     from transformers import AutoProcessor
 
     from modeling_uot_ctc import Wav2Vec2ForCTCWithUOT
+    from modeling_uot_ctc.corpus import read_corpus
     from modeling_uot_ctc.data import SAMPLING_RATE, decode_audio
     from modeling_uot_ctc.language_model import decode, load_decoder
     from modeling_uot_ctc.transcribe import greedy, log_probs
 
     model = Wav2Vec2ForCTCWithUOT.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    rows = corpus_rows(corpus, ["test"])
+    rows = read_corpus(corpus, ["test"])
     audio = [decode_audio(row["path"], where=row["file_name"]) for row in rows]
     scores = log_probs(model, [processor.feature_extractor(a, sampling_rate=SAMPLING_RATE).input_values[0]
                                for a in audio])

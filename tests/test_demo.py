@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 import run_demo  # noqa: E402
+from modeling_uot_ctc.corpus import read_corpus  # noqa: E402
 
 # Sixty distinct sentences: forty for the tiny corpus, ten for its validation corpus, ten only the language model has.
 SENTENCES = [f"{who} {does} the {what}" for who in ("she", "he", "they", "we", "the cat")
@@ -43,8 +44,8 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
 
     # The language model: the sentences of neither the test split nor the validation corpus, in both rows' folders,
     # with weights chosen on the validation corpus.
-    test_text = {row["text"] for row in run_demo.corpus_rows(str(corpus), ["test"])}
-    validation_text = {row["text"] for row in run_demo.corpus_rows(str(validation))}
+    test_text = {row["text"] for row in read_corpus(str(corpus), ["test"])}
+    validation_text = {row["text"] for row in read_corpus(str(validation))}
     lm_text = set((outputs / "demo_lm_text.txt").read_text().splitlines())
     assert lm_text == set(SENTENCES) - test_text - validation_text and len(validation_text) == 10
     for name in ("demo_ctc", "demo_uot"):

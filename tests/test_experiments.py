@@ -391,12 +391,3 @@ def test_lm_table_compares_every_decoding_with_ctc_greedy_paired_by_seed():
     # Both with the LM: -0.04 each against 0.45, -8.9 %.
     assert "WER -8.9%" in report.lm_contrast_line(found, "target_uot_anchor")
     assert "not run yet" in report.lm_table({}, ["target_ctc"])
-
-
-def test_language_model_text_leaves_out_the_held_out_sentences():
-    from lm_decoding import language_model_text
-
-    text = language_model_text(
-        ["The cat sat.", "A dog ran!", "the cat sat", "Birds sing."], held_out=["A dog ran."], chars_to_ignore=[".", "!"]
-    )
-    assert text == ["the cat sat", "the cat sat", "birds sing"]

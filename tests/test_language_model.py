@@ -20,6 +20,7 @@ from modeling_uot_ctc.language_model import (
     has_language_model,
     load_decoder,
     store_weights,
+    text_without,
 )
 from modeling_uot_ctc.transcribe import greedy
 
@@ -149,3 +150,11 @@ def test_emissions_helper_is_what_the_tests_say(tmp_path):
     ids = [k for k, _ in itertools.groupby(scores.argmax(-1)) if k != 0]
     assert tokenizer.convert_ids_to_tokens(ids) == ["a", "b"]
     assert np.allclose(np.exp(scores).sum(-1), 1.0, atol=1e-5)
+
+
+def test_text_without_leaves_out_the_held_out_sentences():
+    text = text_without(
+        ["The cat sat.", "A dog ran!", "the cat sat", "Birds sing.", "?!"], held_out=["A dog ran."],
+        chars_to_ignore=[".", "!", "?"],
+    )
+    assert text == ["the cat sat", "the cat sat", "birds sing"]
