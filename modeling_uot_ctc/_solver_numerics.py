@@ -34,11 +34,12 @@ def _masked_fill(x: torch.Tensor, mask: torch.Tensor, value: float, inplace: boo
 _SCALING_BOUND = {torch.float32: 15.0, torch.float64: 150.0}
 
 # Units in the last place of its operands below which a change of a potential counts as rounding (see
-# `_moved_beyond_rounding`). Run far past convergence, float32 iterates kept moving by at most 1.51 such units (0.53 in
-# the log domain, whose measure of size is generous): 150 random problems (cosine and uniform costs, 4 to 300 frames,
-# eps 0.01 to 0.5, every kind of marginal, with and without the temporal prior, 4000 iterations) per iteration and
-# kernel path, `python benchmarks/rounding_floor.py --method {scaling,log,unrolled} --problems 150 --seed 11` under
-# ATEN_CPU_CAPABILITY=default, avx2 and avx512. 4 leaves a margin of 2.6.
+# `_moved_beyond_rounding`). Run far past convergence, the scaling iteration's float32 iterates kept moving by at most
+# 1.51 such units: 150 random problems (cosine and uniform costs, 4 to 300 frames, eps 0.01 to 0.5, every kind of
+# marginal, with and without the temporal prior, 4000 iterations) per kernel path,
+# `python benchmarks/rounding_floor.py --method scaling --problems 150 --seed 11` under ATEN_CPU_CAPABILITY=default,
+# avx2 and avx512. 4 leaves a margin of 2.6. The log domain uses the same floor differently (see
+# `_iterate_log_domain`), and its own counts are in `solve_uot`'s `tol`.
 _ROUNDING_ULPS = 4.0
 
 

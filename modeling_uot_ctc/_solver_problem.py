@@ -105,8 +105,6 @@ class _Problem:
             token_mask = token_mask & (self.allowed_t.amax(2) > 0)
         # A 0-d tensor where the host must not wait for the device, else a float.
         self.cost_spread = high - low if sync_free else float(high - low)
-        # The largest |C| of a valid finite cell (or 0 from padding): the scale of the log domain's rounding.
-        self.cost_magnitude = torch.maximum(high, -low) if sync_free else float(torch.maximum(high, -low))
         self.max_shift = self.cost_spread + self.eps
 
         self.frame_mask, self.token_mask = frame_mask, token_mask
