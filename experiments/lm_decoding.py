@@ -1,5 +1,5 @@
 """N-gram decoding of the transfer experiments' stage-2 runs: what a user would pick instead of the transfer, on the
-same trained models (docs/RESULTS.md, "Greedy, n-gram and transfer").
+same trained models (docs/RESULTS.md, section 1, "Against what a user would pick instead").
 
     python experiments/run_experiments.py lm                 # target_ctc and target_uot_anchor, five seeds each
     python experiments/run_experiments.py lm-report          # their table in docs/RESULTS.md

@@ -326,7 +326,7 @@ def lm_table(found_lm, rows, baseline: str = "target_ctc") -> str:
             if decoding == "lm":
                 weights = sorted({(m["alpha"], m["beta"]) for m in runs.values()})
                 validation = np.mean([m["validation_wer"] for m in runs.values()])
-                cells.append(f"{', '.join(f'{a:g}, {b:g}' for a, b in weights)} ({validation:.3f})")
+                cells.append(f"{'; '.join(f'{a:g}, {b:g}' for a, b in weights)} ({validation:.3f})")
             else:
                 cells.append("–")
             label = "3-gram LM" if decoding == "lm" else "greedy"
