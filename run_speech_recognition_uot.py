@@ -56,6 +56,7 @@ from modeling_uot_ctc.data import (
     token_characters,
     token_frame_spans,
 )
+from modeling_uot_ctc.homophone_accuracy import homophone_accuracy
 from modeling_uot_ctc.language_model import (
     ALPHABET_FILE,
     LANGUAGE_MODEL_DIR,
@@ -470,6 +471,7 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
     processed = {}
     for split, dataset in raw.items():
         keep_columns = {"normalised_text", "words"} if timed[split] else {"normalised_text"}
+        keep_columns.add("homophones")  # the marked homophone words of a homophone corpus, where it has them
         with training_args.main_process_first(desc=f"preprocess {split}"):
             mapped = dataset.map(
                 prepare,
@@ -692,7 +694,10 @@ def blank_padding_frames(logits: torch.Tensor, input_lengths: torch.Tensor, mode
     return torch.where(valid[:, :, None], logits, blank)
 
 
-def build_compute_metrics(tokenizer, metric_names):
+def build_compute_metrics(tokenizer, metric_names, homophones: Optional[list] = None):
+    """The Trainer's `compute_metrics`: `metric_names` (wer, cer) of greedy decoding, and, with `homophones` (each
+    evaluation example's positions of its homophone words, in dataset order), the homophone accuracy and its
+    length-matched control (`modeling_uot_ctc.homophone_accuracy`)."""
     metrics = {name: evaluate.load(METRIC_PATHS[name]) for name in metric_names}
 
     def compute_metrics(prediction):
@@ -701,9 +706,29 @@ def build_compute_metrics(tokenizer, metric_names):
         label_ids = np.where(prediction.label_ids == -100, tokenizer.pad_token_id, prediction.label_ids)
         predictions = tokenizer.batch_decode(pred_ids)
         references = tokenizer.batch_decode(label_ids, group_tokens=False)
-        return {name: metric.compute(predictions=predictions, references=references) for name, metric in metrics.items()}
+        results = {
+            name: metric.compute(predictions=predictions, references=references) for name, metric in metrics.items()
+        }
+        if homophones is not None:
+            try:
+                scores = homophone_accuracy(references, predictions, homophones)
+            except ValueError as problem:  # marks made under another normalisation: report the rest, not crash
+                logger.warning(f"No homophone accuracy: the evaluation data's marks do not fit ({problem}).")
+            else:
+                results.update(homophone_accuracy=scores["homophone_accuracy"],
+                               homophone_words=scores["homophone_words"],
+                               homophone_control_accuracy=scores["control_accuracy"])
+        return results
 
     return compute_metrics
+
+
+def homophone_positions(processed: datasets.DatasetDict) -> Optional[list]:
+    """Each evaluation example's homophone word positions, when the evaluation data marks them (a `homophones`
+    column of JSON lists, as `python -m modeling_uot_ctc.corpus --homophones` writes), else None."""
+    if "eval" not in processed or "homophones" not in processed["eval"].column_names:
+        return None
+    return [json.loads(positions) if positions else [] for positions in processed["eval"]["homophones"]]
 
 
 def argmax_logits(logits, labels):
@@ -931,7 +956,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         train_dataset=processed.get("train"),
         eval_dataset=processed.get("eval"),
         processing_class=processor,
-        compute_metrics=build_compute_metrics(tokenizer, data_args.eval_metrics),
+        compute_metrics=build_compute_metrics(tokenizer, data_args.eval_metrics, homophone_positions(processed)),
         preprocess_logits_for_metrics=argmax_logits,
         callbacks=callbacks,
         model_card_writer=lambda: write_model_card(

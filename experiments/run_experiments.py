@@ -582,6 +582,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
         metrics[f"wer{subset}"] = wer.compute(predictions=hyps, references=refs)
         metrics[f"cer{subset}"] = cer.compute(predictions=hyps, references=refs)
         metrics[f"utterances{subset}"] = len(chosen)
+    if rows and "homophones" in rows[0]:  # a homophone corpus (`python -m modeling_uot_ctc.homophones`)
+        from modeling_uot_ctc.homophone_accuracy import homophone_accuracy
+
+        metrics["homophones"] = homophone_accuracy(
+            [r["normalised"] for r in rows], [predictions[r["file_name"]] for r in rows],
+            [json.loads(r["homophones"]) for r in rows],
+        )
     if aligned:
         mean = lambda values: float(np.nanmean(values)) if values else float("nan")  # noqa: E731
         metrics["alignment_scored_utterances"] = len(trained["precision"])

@@ -405,6 +405,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sentences", help="a text file, one sentence per line (default: WordNet's examples)")
     parser.add_argument("--wordnet-dir", help="folder of WordNet's data.* files (default: Debian's location)")
     parser.add_argument(
+        "--homophones",
+        help="the homophones.json of `python -m modeling_uot_ctc.homophones`: mark each row's homophone words (a "
+        "`homophones` column of word positions)",
+    )
+    parser.add_argument(
         "--pad-from",
         help="instead of synthesising, copy this corpus with silence or noise padding around each utterance",
     )
@@ -423,6 +428,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         voices=args.voices, skip_sentences=args.skip_sentences,
     )
     print(f"wrote {counts['train']} training and {counts['test']} test utterances to {args.output}")
+    if args.homophones:
+        from .homophones import mark_corpus
+
+        marked = mark_corpus(args.output, args.homophones)
+        print("marked " + ", ".join(f"{m['homophone_words']} homophone words in {split}"
+                                    for split, m in marked.items()))
 
 
 if __name__ == "__main__":

@@ -198,6 +198,19 @@ def test_evaluation_agrees_with_the_pipeline_and_jiwer(tmp_path):
     for name, chosen in (("seen", seen), ("unseen", unseen)):
         expected = jiwer.wer([references[i] for i in chosen], [hypotheses[i] for i in chosen])
         assert metrics[f"wer_{name}"] == pytest.approx(expected)
+    assert "homophones" not in metrics
+
+    # Every word marked as a homophone: the words spelt right are jiwer's hits.
+    for row in rows:
+        row["homophones"] = json.dumps(list(range(len(row["text"].split()))))
+    with open(os.path.join(corpus, "test", "metadata.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    marked = experiments.evaluate_run(output_dir, corpus, teacher_cache_dir=str(tmp_path / "cache"))["homophones"]
+    counts = jiwer.process_words(references, hypotheses)
+    assert marked["homophone_right"] == counts.hits
+    assert marked["homophone_words"] == counts.hits + counts.substitutions + counts.deletions
 
     assert 0 <= metrics["alignment"]["precision"] <= 1 and 0 <= metrics["alignment"]["recall"] <= 1
     for eps in experiments.SWEEP_EPS:

@@ -644,3 +644,46 @@ def test_the_transport_plan_is_drawn_into_tensorboard(corpus, teacher, tmp_path)
     assert picture.size[0] > 100 and len(picture.getcolors(maxcolors=1 << 20)) > 20  # a drawing, not a blank
     assert not (out / "plans").exists()  # the picture lives in the event file only
     assert "train/ctc_loss" in accumulator.Tags()["scalars"]  # beside the Trainer's own scalars
+
+
+# A homophone corpus: the evaluation reports how often the marked words are spelled right.
+
+
+def test_compute_metrics_adds_the_homophone_accuracy_of_the_marked_words(tmp_path):
+    from transformers import EvalPrediction, Wav2Vec2CTCTokenizer
+
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: 3 + k for k, c in enumerate("abdeghiknortwy")}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), bos_token=None, eos_token=None)
+    references = ["the knight rode by", "we wait here"]
+    hypotheses = ["the night rode by", "we wait here"]  # no doubled letters: CTC decoding would merge them
+
+    def ids(texts):
+        encoded = [tokenizer(text).input_ids for text in texts]
+        width = max(map(len, encoded))
+        return np.array([row + [-100] * (width - len(row)) for row in encoded])
+
+    compute = script.build_compute_metrics(tokenizer, ["wer"], homophones=[[1], [1]])
+    results = compute(EvalPrediction(predictions=ids(hypotheses), label_ids=ids(references)))
+    # Worked by hand: knight misspelt, wait right; the control words (4 or 6 letters, not marked) rode and here right.
+    assert results["homophone_accuracy"] == 0.5 and results["homophone_words"] == 2
+    assert results["homophone_control_accuracy"] == 1.0
+    assert results["wer"] == pytest.approx(1 / 7)
+
+
+def test_the_evaluation_reads_the_homophone_marks_of_the_data(corpus, teacher, tmp_path):
+    import csv
+
+    marked = tmp_path / "corpus"
+    shutil.copytree(corpus, marked)
+    path = marked / "test" / "metadata.csv"
+    rows = list(csv.DictReader(open(path)))
+    for row, positions in zip(rows, ([0], [], [1, 2], [])):  # four test sentences, three marked words
+        row["homophones"] = json.dumps(positions)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    results = script.main(base_arguments(str(marked), teacher, str(tmp_path / "out"), max_steps=1))
+    assert results["eval_homophone_words"] == 3
+    assert 0.0 <= results["eval_homophone_accuracy"] <= 1.0
