@@ -19,6 +19,11 @@ target set (stage 2), every variant first on a validation split, then the table'
     python experiments/run_experiments.py lm                             # greedy and n-gram decoding of two rows
     python experiments/run_experiments.py lm-report                      # their table
 
+The transfer map (docs/RESULTS.md, "Where the transfer pays"; experiments/transfer_map.py):
+
+    python experiments/run_experiments.py map --jobs 2                   # every cell, resumable
+    python experiments/run_experiments.py map-report                     # its table, plot and CSV
+
 Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
 software. The evaluation adds what the training script does not measure: WER and CER for voices heard in
 training and voices never heard, the precision and recall of the transport plan against the corpus's word timings,
@@ -99,9 +104,15 @@ class Row:
     regime: str
     description: str
     flags: dict = field(default_factory=dict)
+    # The map's rows (experiments/transfer_map.py) name their own corpus, config files and rerun command.
+    corpus: Optional[str] = None
+    configs: Optional[tuple] = None
+    rerun: Optional[str] = None
 
     @property
     def data_dir(self) -> str:
+        if self.corpus:
+            return self.corpus
         return {"padded": PADDED_CORPUS, "target": TARGET_CORPUS, "target-tune": TUNE_CORPUS}.get(
             self.regime, CLEAN_CORPUS
         )
@@ -114,6 +125,8 @@ class Row:
     @property
     def command(self) -> str:
         """The command that trains and evaluates every default seed of the row (printed beside it in the table)."""
+        if self.rerun:
+            return self.rerun
         return f"python experiments/run_experiments.py run --rows {self.name} --seeds {' '.join(map(str, self.seeds))}"
 
     def train_argv(self, seed: int) -> list[str]:
@@ -121,7 +134,10 @@ class Row:
         flags = {"data_dir": self.data_dir, **self.flags, "seed": seed, "output_dir": run_dir(self, seed)}
         if self.regime == "low-resource":
             flags["max_train_samples"] = LOW_RESOURCE_SAMPLES
-        argv = list(TARGET_CONFIGS) if self.regime.startswith("target") else [BASE_CONFIG]
+        if self.configs:
+            argv = list(self.configs)
+        else:
+            argv = list(TARGET_CONFIGS) if self.regime.startswith("target") else [BASE_CONFIG]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         return argv
@@ -329,14 +345,21 @@ def write_tuning_split(source: str, output: str, n_valid: int, seed: int = 0) ->
     with open(os.path.join(source, "train", "metadata.csv"), newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     random.Random(seed).shuffle(rows)
-    for split, chosen in (("test", rows[:n_valid]), ("train", rows[n_valid:])):
-        os.makedirs(os.path.join(output, split), exist_ok=True)
-        relative = os.path.relpath(os.path.join(source, "train"), os.path.join(output, split))
-        chosen = sorted(chosen, key=lambda row: row["file_name"])
-        with open(os.path.join(output, split, "metadata.csv"), "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(chosen[0]))
-            writer.writeheader()
-            writer.writerows({**row, "file_name": os.path.join(relative, row["file_name"])} for row in chosen)
+    write_manifest(rows[:n_valid], os.path.join(source, "train"), os.path.join(output, "test"))
+    write_manifest(rows[n_valid:], os.path.join(source, "train"), os.path.join(output, "train"))
+
+
+def write_manifest(rows: list[dict], source_split: str, output_split: str) -> None:
+    """Write `rows` (a corpus's metadata rows, from the folder `source_split`) as the split folder `output_split`: a
+    `metadata.csv` whose `file_name`s point at the source's files by relative paths, sorted by file name. No audio
+    is copied, so a corpus can be cut into many splits for free."""
+    os.makedirs(output_split, exist_ok=True)
+    relative = os.path.relpath(source_split, output_split)
+    chosen = sorted(rows, key=lambda row: row["file_name"])
+    with open(os.path.join(output_split, "metadata.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(chosen[0]))
+        writer.writeheader()
+        writer.writerows({**row, "file_name": os.path.join(relative, row["file_name"])} for row in chosen)
 
 
 def base_command() -> str:
@@ -782,6 +805,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     lm_one.add_argument("folder")
     lm_report = commands.add_parser("lm-report", help="write the greedy-against-LM table of docs/RESULTS.md")
     lm_report.add_argument("--output", default="docs")
+    transfer_map = commands.add_parser(
+        "map", help="the transfer map: step counts, CTC against the oracle, the full rows where it gains "
+        "(experiments/transfer_map.py)"
+    )
+    transfer_map.add_argument("--cells", nargs="+", help="cells of transfer_map.CELLS (default: all)")
+    transfer_map.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
+    map_report = commands.add_parser("map-report", help="write the map's tables, plot and CSV into docs/")
+    map_report.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
     RUNS_DIR = args.runs_dir
 
@@ -828,6 +859,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         base_path = os.path.join(BASE_DIR, "experiment_metrics.json")
         base = json.load(open(base_path, encoding="utf-8")) if os.path.isfile(base_path) else None
         write_transfer_report(found, rows, base, args.output)
+    elif args.command in ("map", "map-report"):
+        import transfer_map  # experiments/transfer_map.py
+
+        runner = sys.modules[__name__]  # the map runs through this module's runner and its --runs-dir
+        unknown = sorted(set(getattr(args, "cells", None) or ()) - set(transfer_map.CELLS))
+        if unknown:
+            parser.error(f"unknown cells {unknown}; the map has {sorted(transfer_map.CELLS)}")
+        if args.command == "map":
+            transfer_map.run_map(runner, args.cells, args.jobs)
+        else:
+            transfer_map.write_map_report(runner, args.output)
     elif args.command == "lm-report":
         from lm_decoding import LM_ROWS, load_lm_metrics  # experiments/lm_decoding.py
         from report import write_lm_report  # experiments/report.py

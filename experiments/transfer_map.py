@@ -1,0 +1,462 @@
+"""The transfer map (docs/RESULTS.md, "Where the transfer pays"): the regimes where alignment-based transfer from the
+text model can help at all, the oracle first, and in those regimes how much of the oracle's gain UOT keeps.
+
+    python experiments/run_experiments.py map --jobs 2       # every cell not yet done; resumable
+    python experiments/run_experiments.py map-report         # the table, the plot and docs/results/map_runs.csv
+
+A cell is a corpus and a training budget. Each goes through three steps, every run of them through the experiments'
+runner (`run_one`: a finished run is read back, an interrupted one resumes from its checkpoint):
+
+1. **Step count.** CTC alone on the cell's validation split (training sentences held out), evaluated every
+   `TUNE_EVAL_STEPS` up to `TUNE_MAX_STEPS`; the step of lowest validation CER is the cell's step count, the same
+   for every row. The learning rate is constant after its warm-up (configs/transfer_map.yaml), so a run stopped
+   there is in the state the validation run was in at that step.
+2. **The gate.** CTC alone against the oracle (each word piece pooled from its word's true frames), `GATE_SEEDS`,
+   paired by seed, on the cell's test split.
+3. **The full rows**, only where the oracle gains (`oracle_gains`: at least `GATE_RELATIVE_CER` relative CER or
+   `GATE_HOMOPHONE_POINTS` of homophone accuracy, 95 % interval excluding zero): CTC, the oracle, anchored UOT,
+   anchored balanced OT and temporal-order OT (balanced, cosine cost, temporal prior), `FULL_SEEDS`.
+
+The homophone cells fine-tune the stage-1 base (`run_experiments.py base`) on sentences whose homophones espeak-ng
+speaks alike in every target voice (`python -m modeling_uot_ctc.homophones`), 100 or 400 of them, unpadded: the
+question there is spelling from context, not the padding of section 1. The validation split is the last
+`VALID_SENTENCES` training sentences in the homophone module's priority order; the cell trains on the first
+`min(k, 300)` of the others while its step count is chosen, and on the first k for its rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+HOMOPHONE_DIR = "data/homophones"
+HOMOPHONE_CORPUS = "data/homophone_target_clean"
+MAP_DATA = "data/map"
+MAP_CONFIG = "configs/transfer_map.yaml"
+VALID_SENTENCES = 100
+TUNE_MAX_STEPS = 1500
+TUNE_EVAL_STEPS = 100
+GATE_SEEDS = (0, 1, 2)
+FULL_SEEDS = (0, 1, 2, 3, 4)
+GATE_ROWS = ("ctc", "oracle")
+# The full rows' variants of `run_experiments.VARIANTS` (and TEMPORAL_ORDER_OT), at the table's transfer weight.
+FULL_ROWS = ("ctc", "oracle", "uot_anchor", "ot_anchor", "tot")
+# Balanced OT with the temporal-order prior on the plain cosine cost, as the temporal-order OT transfer of the
+# literature does it; `ot_anchor` is the same with the CTC anchor in the cost.
+TEMPORAL_ORDER_OT = ("temporal-order OT: balanced, cosine cost, temporal prior",
+                     {"aligner": "ot", "temporal_order_weight": 1.0})
+GATE_RELATIVE_CER = 0.03
+GATE_HOMOPHONE_POINTS = 0.03
+MAP_COMMAND = "python experiments/run_experiments.py map"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One regime of the map.
+
+    Args:
+        name: the cell's name, part of its rows' names (`map_<name>_<variant>`).
+        description: what the cell trains on, for the table.
+        train_sentences: the first this many training sentences of the homophone split's priority order.
+    """
+
+    name: str
+    description: str
+    train_sentences: int
+
+    @property
+    def corpus(self) -> str:
+        """The cell's corpus: manifests over HOMOPHONE_CORPUS (its train split, and the whole test split)."""
+        return os.path.join(MAP_DATA, self.name)
+
+    @property
+    def tune_corpus(self) -> str:
+        """The cell's validation corpus: its `test` split is the held-out training sentences."""
+        return os.path.join(MAP_DATA, f"{self.name}_tune")
+
+    @property
+    def tune_train_sentences(self) -> int:
+        return min(self.train_sentences, total_training_sentences() - VALID_SENTENCES)
+
+    @property
+    def command(self) -> str:
+        return f"{MAP_COMMAND} --cells {self.name}"
+
+
+CELLS = {
+    cell.name: cell
+    for cell in (
+        Cell("homophones_100", "homophone target, base fine-tuned on 100 sentences", 100),
+        Cell("homophones_400", "homophone target, base fine-tuned on 400 sentences", 400),
+    )
+}
+# The issue's other cells, in the table as not run until their runs exist (docs/RESULTS.md says what each needs).
+PLANNED_CELLS = {
+    "from_scratch": "stage 1 itself, the transfer on after the CTC warm-up (the paper's regime)",
+    "larger_student": "a student four times larger (its own base) in the homophone cell",
+    "word_piece_units": "the CTC's output units made the teacher's word pieces",
+}
+
+
+def total_training_sentences() -> int:
+    """How many training sentences the homophone split holds (`homophones.json`)."""
+    with open(os.path.join(HOMOPHONE_DIR, "homophones.json"), encoding="utf-8") as handle:
+        return len(json.load(handle)["train"])
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def build_data(runner, log=print) -> None:
+    """The homophone split (excluding the base corpus's sentences), its spoken corpus, and each cell's manifests;
+    whatever is missing."""
+    if not os.path.isfile(os.path.join(HOMOPHONE_DIR, "homophones.json")):
+        command = (f"python -m modeling_uot_ctc.homophones --voices target --output {HOMOPHONE_DIR} "
+                   f"--exclude-corpus {runner.BASE_CORPUS}")
+        log(f"building {HOMOPHONE_DIR}: {command}")
+        subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
+    if not os.path.isfile(os.path.join(HOMOPHONE_CORPUS, "test", "metadata.csv")):
+        with open(os.path.join(HOMOPHONE_DIR, "homophones.json"), encoding="utf-8") as handle:
+            command = json.load(handle)["corpus_command"]
+        log(f"building {HOMOPHONE_CORPUS}: {command}")
+        subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
+    for cell in CELLS.values():
+        write_cell_corpora(runner, cell)
+
+
+def priority_order(corpus: str, description: str) -> list[dict]:
+    """The training rows of `corpus` in the homophone split's priority order (`homophones.json`'s `train` list: the
+    first sentences cover the most homophone sets)."""
+    from modeling_uot_ctc.corpus import read_corpus
+
+    with open(description, encoding="utf-8") as handle:
+        rank = {entry["text"]: index for index, entry in enumerate(json.load(handle)["train"])}
+    rows = read_corpus(corpus, ["train"])
+    missing = [row["text"] for row in rows if row["text"] not in rank]
+    if missing:
+        raise ValueError(f"{corpus}: {len(missing)} training sentences are not in {description}, e.g. {missing[0]!r}")
+    return sorted(rows, key=lambda row: rank[row["text"]])
+
+
+def write_cell_corpora(runner, cell: Cell) -> None:
+    """The cell's corpus (first `train_sentences` training rows, the whole test split) and its validation corpus
+    (the last VALID_SENTENCES training rows as `test`, the first `tune_train_sentences` as `train`), as manifests."""
+    ordered = priority_order(HOMOPHONE_CORPUS, os.path.join(HOMOPHONE_DIR, "homophones.json"))
+    if len(ordered) < cell.train_sentences:
+        raise ValueError(f"{HOMOPHONE_CORPUS} has {len(ordered)} training rows; {cell.name} needs "
+                         f"{cell.train_sentences}.")
+    source_train, source_test = (os.path.join(HOMOPHONE_CORPUS, split) for split in ("train", "test"))
+    for row in ordered:
+        row.pop("path", None)  # read_corpus's absolute path; the manifests keep the corpus's own columns
+    with open(os.path.join(source_test, "metadata.csv"), newline="", encoding="utf-8") as handle:
+        test_rows = list(csv.DictReader(handle))
+    runner.write_manifest(ordered[: cell.train_sentences], source_train, os.path.join(cell.corpus, "train"))
+    runner.write_manifest(test_rows, source_test, os.path.join(cell.corpus, "test"))
+    runner.write_manifest(ordered[: cell.tune_train_sentences], source_train, os.path.join(cell.tune_corpus, "train"))
+    runner.write_manifest(ordered[-VALID_SENTENCES:], source_train, os.path.join(cell.tune_corpus, "test"))
+
+
+# ------------------------------------------------------------------------------------------------------------ rows
+
+
+def tune_row(runner, cell: Cell):
+    """CTC alone on the cell's validation corpus, evaluated every TUNE_EVAL_STEPS."""
+    flags = {"aligner": "none", "max_steps": TUNE_MAX_STEPS, "do_eval": True, "eval_strategy": "steps",
+             "eval_steps": TUNE_EVAL_STEPS, "save_steps": TUNE_EVAL_STEPS}
+    return runner.Row(f"map_{cell.name}_tune", "map-tune", "CTC alone, validation split, step count", flags,
+                      corpus=cell.tune_corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command)
+
+
+def chosen_steps(runner, cell: Cell) -> Optional[dict]:
+    """The cell's step count from its validation run: `{"steps", "validation_cer", "last_cer", "curve"}`, where
+    `curve` is `[(step, cer), ...]`; None until that run has finished."""
+    path = os.path.join(runner.run_dir(tune_row(runner, cell), 0), "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    curve = [(entry["step"], entry["eval_cer"]) for entry in state["log_history"] if "eval_cer" in entry]
+    if not curve or curve[-1][0] < TUNE_MAX_STEPS:
+        return None
+    step, cer = min(curve, key=lambda point: (point[1], point[0]))  # ties: the earlier step
+    return {"steps": step, "validation_cer": cer, "last_cer": curve[-1][1], "curve": curve}
+
+
+def map_rows(runner, cell: Cell, steps: int, variants=FULL_ROWS) -> list:
+    """The cell's rows at its step count: each variant of `runner.VARIANTS` at the table's transfer weight."""
+    rows = []
+    for variant in variants:
+        description, flags = TEMPORAL_ORDER_OT if variant == "tot" else runner.VARIANTS[variant]
+        rows.append(runner.Row(
+            f"map_{cell.name}_{variant}", "map", description,
+            {**runner._table_flags(flags), "max_steps": steps},
+            corpus=cell.corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command,
+        ))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- gate
+
+
+def oracle_gains(found: dict, cell: Cell, variant: str = "oracle") -> Optional[dict]:
+    """A variant against CTC alone in one cell, paired by seed: the relative CER change and the change of homophone
+    accuracy (points as fractions), each with its 95 % t-interval, and whether it passes the gate (a gain of at
+    least GATE_RELATIVE_CER or GATE_HOMOPHONE_POINTS whose interval excludes zero). None with fewer than two
+    paired seeds."""
+    import numpy as np
+
+    from report import t_interval  # experiments/report.py
+
+    ctc, other = found.get(f"map_{cell.name}_ctc", {}), found.get(f"map_{cell.name}_{variant}", {})
+    seeds = sorted(set(ctc) & set(other))
+    if len(seeds) < 2:
+        return None
+    base_cer = float(np.mean([ctc[s]["cer"] for s in seeds]))
+    relative = [(other[s]["cer"] - ctc[s]["cer"]) / base_cer for s in seeds]
+    homophone = [other[s]["homophones"]["homophone_accuracy"] - ctc[s]["homophones"]["homophone_accuracy"]
+                 for s in seeds if "homophones" in other[s] and "homophones" in ctc[s]]
+    result = {"seeds": seeds, "relative_cer": float(np.mean(relative)), "relative_cer_ci": t_interval(relative)}
+    passes = result["relative_cer"] <= -GATE_RELATIVE_CER and result["relative_cer_ci"][1] < 0
+    if len(homophone) >= 2:
+        result["homophone_points"] = float(np.mean(homophone))
+        result["homophone_points_ci"] = t_interval(homophone)
+        passes |= result["homophone_points"] >= GATE_HOMOPHONE_POINTS and result["homophone_points_ci"][0] > 0
+    result["passes"] = bool(passes)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- running
+
+
+def run_map(runner, cell_names=None, jobs: int = 1, log=print) -> None:
+    """Every step of every cell asked for (all by default) that is not yet done: the base, the data, the step
+    counts, the gate, and the full rows where the gate passes."""
+    cells = [CELLS[name] for name in (cell_names or CELLS)]
+    runner.run_base()
+    build_data(runner, log)
+    runner.run_many([tune_row(runner, cell) for cell in cells], [0], jobs)
+    steps = {cell.name: chosen_steps(runner, cell)["steps"] for cell in cells}
+    for cell in cells:
+        log(f"[{cell.name}] step count chosen on the validation split: {steps[cell.name]}")
+    gate = [row for cell in cells for row in map_rows(runner, cell, steps[cell.name], GATE_ROWS)]
+    runner.run_many(gate, list(GATE_SEEDS), jobs)
+    found = runner.load_run_metrics(gate, GATE_SEEDS)
+    full = []
+    for cell in cells:
+        gains = oracle_gains(found, cell)
+        log(f"[{cell.name}] oracle against CTC alone: {describe_gains(gains)}")
+        if gains and gains["passes"]:
+            full += map_rows(runner, cell, steps[cell.name], FULL_ROWS)
+    if full:
+        runner.run_many(full, list(FULL_SEEDS), jobs)
+
+
+def describe_gains(gains: Optional[dict]) -> str:
+    if gains is None:
+        return "fewer than two paired seeds"
+    text = (f"CER {gains['relative_cer']:+.1%} (95 % CI {gains['relative_cer_ci'][0]:+.1%} to "
+            f"{gains['relative_cer_ci'][1]:+.1%})")
+    if "homophone_points" in gains:
+        low, high = gains["homophone_points_ci"]
+        text += f", homophone accuracy {100 * gains['homophone_points']:+.1f} points ({100 * low:+.1f} to {100 * high:+.1f})"
+    return text + (": passes the gate" if gains["passes"] else ": below the gate")
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
+CSV_FIELDS = ("cell", "row", "seed", "steps", "cer", "wer", "homophone_accuracy", "control_accuracy",
+              "homophone_words", "precision", "recall", "dropped", "train_minutes")
+
+
+def collect(runner) -> tuple[dict, dict, dict]:
+    """`(steps, rows, found)`: each cell's step choice, its rows (`{cell: [Row, ...]}`), and the finished runs."""
+    steps, rows, found = {}, {}, {}
+    for cell in CELLS.values():
+        steps[cell.name] = chosen_steps(runner, cell)
+        if steps[cell.name] is None:
+            continue
+        rows[cell.name] = map_rows(runner, cell, steps[cell.name]["steps"])
+        found.update(runner.load_run_metrics(rows[cell.name], FULL_SEEDS))
+    return steps, rows, found
+
+
+def run_records(steps: dict, rows: dict, found: dict) -> list[dict]:
+    """One record per finished run, with CSV_FIELDS (NaN where a field does not apply, e.g. a plan for CTC)."""
+    records = []
+    for cell, cell_rows in rows.items():
+        for row in cell_rows:
+            for seed, metrics in sorted(found.get(row.name, {}).items()):
+                homophones = metrics.get("homophones", {})
+                alignment = metrics.get("alignment", {})
+                records.append({
+                    "cell": cell, "row": row.name.removeprefix(f"map_{cell}_"), "seed": seed,
+                    "steps": steps[cell]["steps"], "cer": metrics["cer"], "wer": metrics["wer"],
+                    "homophone_accuracy": homophones.get("homophone_accuracy", math.nan),
+                    "control_accuracy": homophones.get("control_accuracy", math.nan),
+                    "homophone_words": homophones.get("homophone_words", math.nan),
+                    "precision": alignment.get("precision", math.nan), "recall": alignment.get("recall", math.nan),
+                    "dropped": alignment.get("dropped", math.nan),
+                    "train_minutes": metrics.get("train_minutes") or math.nan,
+                })
+    return records
+
+
+def _interval_cell(gains: Optional[dict], key: str, scale: float, unit: str) -> str:
+    if not gains or key not in gains:
+        return "–"
+    low, high = gains[f"{key}_ci"]
+    return f"{scale * gains[key]:+.1f}{unit} (95 % CI {scale * low:+.1f} to {scale * high:+.1f})"
+
+
+def _share(gains: Optional[dict], oracle: Optional[dict]) -> str:
+    """A row's CER gain as a share of the oracle's, only where the oracle passed the gate."""
+    if not gains or not oracle or not oracle["passes"]:
+        return "–"
+    return f"{gains['relative_cer'] / oracle['relative_cer']:.0%}"
+
+
+def map_table(steps: dict, rows: dict, found: dict) -> str:
+    """The map, a line per cell: the step count, CTC alone, the oracle's gain, what the aligners keep of it."""
+    import numpy as np
+
+    from report import mean_spread  # experiments/report.py
+
+    lines = [
+        "| cell | steps (validation CER there, at the last step) | seeds | CTC CER | oracle ΔCER | oracle Δ homophone "
+        "accuracy | UOT ΔCER | UOT's share | balanced OT's share | temporal-order OT's share | homophone accuracy: "
+        "CTC / oracle / UOT (control) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in CELLS.values():
+        choice = steps.get(cell.name)
+        if choice is None:
+            lines.append(f"| {cell.name}: {cell.description} | not run yet |" + " |" * 9 + f" `{cell.command}` |")
+            continue
+        runs = lambda variant: found.get(f"map_{cell.name}_{variant}", {})  # noqa: E731
+        oracle = oracle_gains(found, cell)
+        gains = {v: oracle_gains(found, cell, v) for v in ("uot_anchor", "ot_anchor", "tot")}
+        accuracy = lambda v: [m["homophones"]["homophone_accuracy"] for m in runs(v).values()  # noqa: E731
+                              if "homophones" in m]
+        control = [m["homophones"]["control_accuracy"] for m in runs("ctc").values() if "homophones" in m]
+        accuracies = " / ".join(f"{np.mean(accuracy(v)):.3f}" if accuracy(v) else "–"
+                                for v in ("ctc", "oracle", "uot_anchor"))
+        cells = [
+            f"{choice['steps']} ({choice['validation_cer']:.3f}, {choice['last_cer']:.3f})",
+            str(len(runs("ctc"))), mean_spread([m["cer"] for m in runs("ctc").values()], 4),
+            _interval_cell(oracle, "relative_cer", 100, " %"), _interval_cell(oracle, "homophone_points", 100, " pt"),
+            _interval_cell(gains["uot_anchor"], "relative_cer", 100, " %"),
+            _share(gains["uot_anchor"], oracle), _share(gains["ot_anchor"], oracle), _share(gains["tot"], oracle),
+            f"{accuracies} ({np.mean(control):.3f})" if control else accuracies,
+        ]
+        lines.append(f"| {cell.name}: {cell.description} | " + " | ".join(cells) + f" | `{cell.command}` |")
+    for name, description in PLANNED_CELLS.items():
+        lines.append(f"| {name}: {description} | not run yet |" + " |" * 10)
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(rows: dict, found: dict) -> str:
+    """Every row of every cell: seeds, CER, WER, homophone accuracy and its control, and the plan's scores."""
+    from report import mean_spread  # experiments/report.py
+
+    lines = ["| cell | row | seeds | CER | WER | homophone accuracy | control accuracy | plan precision | plan recall "
+             "| dropped frames |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cell, cell_rows in rows.items():
+        for row in cell_rows:
+            runs = list(found.get(row.name, {}).values())
+            if not runs:
+                continue
+            pick = lambda *keys: [_dig(m, keys) for m in runs]  # noqa: E731
+            lines.append(
+                f"| {cell} | {row.name.removeprefix(f'map_{cell}_')} | {len(runs)} | {mean_spread(pick('cer'), 4)} "
+                f"| {mean_spread(pick('wer'), 4)} | {mean_spread(pick('homophones', 'homophone_accuracy'))} "
+                f"| {mean_spread(pick('homophones', 'control_accuracy'))} "
+                f"| {mean_spread(pick('alignment', 'precision'))} | {mean_spread(pick('alignment', 'recall'))} "
+                f"| {mean_spread(pick('alignment', 'dropped'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _dig(metrics: dict, keys) -> Optional[float]:
+    for key in keys:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def plot_map(steps: dict, found: dict, path: str) -> None:
+    """Per cell, each row's paired change against CTC alone with its 95 % interval: relative CER (left) and
+    homophone accuracy in points (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in FULL_ROWS if v != "ctc"]
+    cells = [cell for cell in CELLS.values() if steps.get(cell.name)]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.9 * max(1, len(cells))), sharey=True)
+    for offset, variant in enumerate(variants):
+        for index, cell in enumerate(cells):
+            gains = oracle_gains(found, cell, variant)
+            if not gains:
+                continue
+            y = index + 0.15 * (offset - (len(variants) - 1) / 2)
+            for axis, key in zip(axes, ("relative_cer", "homophone_points")):
+                if key in gains:
+                    low, high = gains[f"{key}_ci"]
+                    axis.errorbar(100 * gains[key], y, xerr=[[100 * (gains[key] - low)], [100 * (high - gains[key])]],
+                                  fmt="o", color=f"C{offset}", label=variant if index == 0 else None, capsize=3)
+    for axis, label in zip(axes, ("CER change against CTC alone (%)", "homophone accuracy change (points)")):
+        axis.axvline(0, color="grey", lw=0.8)
+        axis.set_xlabel(label)
+    axes[0].set_yticks(range(len(cells)), [cell.name for cell in cells])
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[1].legend(handles, labels, fontsize=8, loc="best")
+    figure.suptitle("The transfer map: each row against CTC alone, paired by seed, 95 % intervals")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_map_report(runner, output: str) -> None:
+    """docs/results/map_runs.csv (a line per run), docs/results/map.png, and the map's tables in
+    `<output>/RESULTS.md` between MAP_START and MAP_END."""
+    import re
+
+    steps, rows, found = collect(runner)
+    results = os.path.join(output, "results")
+    os.makedirs(results, exist_ok=True)
+    records = run_records(steps, rows, found)
+    with open(os.path.join(results, "map_runs.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+    plot_map(steps, found, os.path.join(results, "map.png"))
+    curves = "".join(
+        f"- {name}: validation CER by step " + ", ".join(f"{step}: {cer:.3f}" for step, cer in choice["curve"]) + "\n"
+        for name, choice in steps.items() if choice
+    )
+    generated = (
+        f"{MAP_START}\n<!-- written by `python experiments/run_experiments.py map-report` from "
+        "docs/results/map_runs.csv's runs; edit the prose only -->\n\n"
+        + map_table(steps, rows, found)
+        + "\nEvery finished row (mean ± sd over seeds):\n\n" + runs_table(rows, found)
+        + "\nThe step counts, CTC alone on each cell's validation split:\n\n" + curves + f"{MAP_END}"
+    )
+    path = os.path.join(output, "RESULTS.md")
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
+    if MAP_START not in text:
+        text += f"\n{MAP_START}\n{MAP_END}\n"
+    text = re.sub(re.escape(MAP_START) + ".*?" + re.escape(MAP_END), lambda _: generated, text, flags=re.S)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(f"wrote the map into {path}, {results}/map_runs.csv ({len(records)} runs) and {results}/map.png")
