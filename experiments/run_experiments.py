@@ -362,31 +362,41 @@ def write_manifest(rows: list[dict], source_split: str, output_split: str) -> No
         writer.writerows({**row, "file_name": os.path.join(relative, row["file_name"])} for row in chosen)
 
 
-def base_command() -> str:
-    """The shell command that trains the stage-1 base model (resumes from its last checkpoint)."""
-    return f"OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py {' '.join(BASE_CONFIGS)}"
+def base_command(configs: tuple = BASE_CONFIGS, flags: Optional[dict] = None) -> str:
+    """The shell command that trains a stage-1 base model (resumes from its last checkpoint)."""
+    extra = "".join(f" --{key} {value}" for key, value in (flags or {}).items())
+    return f"OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py {' '.join(configs)}{extra}"
 
 
-def run_base(log=print) -> dict:
+def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS) -> dict:
     """Stage 1: train the CTC base model on BASE_CORPUS (or resume it), export it as a plain checkpoint for the
     stage-2 rows, and evaluate it on the base corpus's test split (held-out sentences, voices heard in training).
-    A finished base is read back, not redone."""
+    A finished base is read back, not redone.
+
+    Args:
+        log: where progress lines go.
+        folder: the base's output folder; its plain export goes to `<folder>/plain`.
+        configs: the training script's config files (another student: BASE_CONFIGS and its model's file).
+    """
     build_transfer_corpora(log)
-    metrics_path = os.path.join(BASE_DIR, "experiment_metrics.json")
+    metrics_path = os.path.join(folder, "experiment_metrics.json")
     if os.path.isfile(metrics_path):
         with open(metrics_path, encoding="utf-8") as handle:
             return json.load(handle)
-    os.makedirs(BASE_DIR, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(BASE_THREADS), "MKL_NUM_THREADS": str(BASE_THREADS),
            "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
-    if not os.path.isfile(os.path.join(BASE_DIR, "plain", "model.safetensors")):
-        log(f"[base] training: {base_command()}")
-        with open(os.path.join(BASE_DIR, "train.log"), "a", encoding="utf-8") as handle:
-            subprocess.run([sys.executable, "run_speech_recognition_uot.py", *BASE_CONFIGS], cwd=ROOT, env=env,
+    flags = {} if folder == BASE_DIR else {"output_dir": folder, "plain_model_dir": os.path.join(folder, "plain")}
+    if not os.path.isfile(os.path.join(folder, "plain", "model.safetensors")):
+        log(f"[base {folder}] training: {base_command(configs, flags)}")
+        argv = [*configs, *[part for key, value in flags.items() for part in (f"--{key}", value)]]
+        with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
+            subprocess.run([sys.executable, "run_speech_recognition_uot.py", *argv], cwd=ROOT, env=env,
                            stdout=handle, stderr=subprocess.STDOUT, check=True)
-    log("[base] evaluating")
-    metrics = evaluate_run(BASE_DIR, BASE_CORPUS)
-    log(f"[base] CER {metrics['cer']:.3f}, WER {metrics['wer']:.3f} on {metrics['test_utterances']} test utterances")
+    log(f"[base {folder}] evaluating")
+    metrics = evaluate_run(folder, BASE_CORPUS)
+    log(f"[base {folder}] CER {metrics['cer']:.3f}, WER {metrics['wer']:.3f} on {metrics['test_utterances']} test "
+        "utterances")
     return metrics
 
 

@@ -57,6 +57,14 @@ GATE_HOMOPHONE_POINTS = 0.03
 MAP_COMMAND = "python experiments/run_experiments.py map"
 
 
+LARGE_BASE_DIR = "outputs/transfer/base_large"
+LARGE_STUDENT_CONFIG = "configs/student_large.yaml"
+# The from-scratch cell trains as stage 1 does, for its 6000 steps; the transfer starts after this many of CTC alone,
+# the warm-up the anchored cost needs before the CTC head's posteriors mean anything (section 2's uot_anchor_warm).
+SCRATCH_WARMUP_STEPS = 400
+SCRATCH_STEPS = 6000  # configs/transfer_base.yaml's max_steps
+
+
 @dataclass(frozen=True)
 class Cell:
     """One regime of the map.
@@ -64,12 +72,19 @@ class Cell:
     Args:
         name: the cell's name, part of its rows' names (`map_<name>_<variant>`).
         description: what the cell trains on, for the table.
-        train_sentences: the first this many training sentences of the homophone split's priority order.
+        train_sentences: fine-tuning cells: the first this many training sentences of the homophone split's
+            priority order.
+        student: "base" (configs/experiments.yaml's model, 1.3M parameters) or "large" (configs/student_large.yaml,
+            5.7M, with a stage-1 base of its own in LARGE_BASE_DIR).
+        from_scratch: train as stage 1 does, from random weights on the base corpus, the transfer on after
+            SCRATCH_WARMUP_STEPS; no step-count run (the stage-1 recipe's count), tested on the base's test split.
     """
 
     name: str
     description: str
-    train_sentences: int
+    train_sentences: int = 0
+    student: str = "base"
+    from_scratch: bool = False
 
     @property
     def corpus(self) -> str:
@@ -89,18 +104,29 @@ class Cell:
     def command(self) -> str:
         return f"{MAP_COMMAND} --cells {self.name}"
 
+    def base(self, runner) -> tuple[str, tuple]:
+        """`(folder, config files)` of the stage-1 base this cell's student starts from."""
+        if self.student == "large":
+            return LARGE_BASE_DIR, (*runner.BASE_CONFIGS, LARGE_STUDENT_CONFIG)
+        return runner.BASE_DIR, runner.BASE_CONFIGS
+
 
 CELLS = {
     cell.name: cell
     for cell in (
         Cell("homophones_100", "homophone target, base fine-tuned on 100 sentences", 100),
         Cell("homophones_400", "homophone target, base fine-tuned on 400 sentences", 400),
+        Cell("from_scratch", "stage 1 itself: 6000 steps from random weights on the base corpus, the transfer on "
+             f"after {SCRATCH_WARMUP_STEPS}", from_scratch=True),
+        Cell("homophones_100_large", "homophone target, 100 sentences, a student 4.4 times larger (its own base)",
+             100, student="large"),
     )
 }
-# The issue's other cells, in the table as not run until their runs exist (docs/RESULTS.md says what each needs).
+# The cells `map` runs when none are named: the larger student's own base takes hours on two cores, so it runs when
+# asked for (or on a GPU: scripts/gpu_map_cell.py).
+DEFAULT_CELLS = ("homophones_100", "homophones_400", "from_scratch")
+# The issue's last resort, in the table as not run until it is built.
 PLANNED_CELLS = {
-    "from_scratch": "stage 1 itself, the transfer on after the CTC warm-up (the paper's regime)",
-    "larger_student": "a student four times larger (its own base) in the homophone cell",
     "word_piece_units": "the CTC's output units made the teacher's word pieces",
 }
 
@@ -128,7 +154,8 @@ def build_data(runner, log=print) -> None:
         log(f"building {HOMOPHONE_CORPUS}: {command}")
         subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
     for cell in CELLS.values():
-        write_cell_corpora(runner, cell)
+        if not cell.from_scratch:
+            write_cell_corpora(runner, cell)
 
 
 def priority_order(corpus: str, description: str) -> list[dict]:
@@ -170,13 +197,25 @@ def tune_row(runner, cell: Cell):
     """CTC alone on the cell's validation corpus, evaluated every TUNE_EVAL_STEPS."""
     flags = {"aligner": "none", "max_steps": TUNE_MAX_STEPS, "do_eval": True, "eval_strategy": "steps",
              "eval_steps": TUNE_EVAL_STEPS, "save_steps": TUNE_EVAL_STEPS}
+    flags.update(_student_flags(runner, cell))
     return runner.Row(f"map_{cell.name}_tune", "map-tune", "CTC alone, validation split, step count", flags,
                       corpus=cell.tune_corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command)
+
+
+def _student_flags(runner, cell: Cell) -> dict:
+    """A fine-tuning cell's starting point, where it is not the one configs/transfer_finetune.yaml names."""
+    folder, _ = cell.base(runner)
+    if folder == runner.BASE_DIR:
+        return {}
+    plain = os.path.join(folder, "plain")
+    return {"model_name_or_path": plain, "tokenizer_name_or_path": plain}
 
 
 def chosen_steps(runner, cell: Cell) -> Optional[dict]:
     """The cell's step count from its validation run: `{"steps", "validation_cer", "last_cer", "curve"}`, where
     `curve` is `[(step, cer), ...]`; None until that run has finished."""
+    if cell.from_scratch:
+        return {"steps": SCRATCH_STEPS, "validation_cer": math.nan, "last_cer": math.nan, "curve": []}
     path = os.path.join(runner.run_dir(tune_row(runner, cell), 0), "trainer_state.json")
     if not os.path.isfile(path):
         return None
@@ -194,9 +233,17 @@ def map_rows(runner, cell: Cell, steps: int, variants=FULL_ROWS) -> list:
     rows = []
     for variant in variants:
         description, flags = TEMPORAL_ORDER_OT if variant == "tot" else runner.VARIANTS[variant]
+        flags = {**runner._table_flags(flags), "max_steps": steps}
+        if cell.from_scratch:
+            # Stage 1's recipe and corpus; no plain export (only the base's is loaded by other rows).
+            flags.update(plain_model_dir="")
+            if flags["aligner"] != "none":
+                flags.update(kt_warmup_steps=SCRATCH_WARMUP_STEPS)
+            rows.append(runner.Row(f"map_{cell.name}_{variant}", "map", description, flags,
+                                   corpus=runner.BASE_CORPUS, configs=runner.BASE_CONFIGS, rerun=cell.command))
+            continue
         rows.append(runner.Row(
-            f"map_{cell.name}_{variant}", "map", description,
-            {**runner._table_flags(flags), "max_steps": steps},
+            f"map_{cell.name}_{variant}", "map", description, {**flags, **_student_flags(runner, cell)},
             corpus=cell.corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command,
         ))
     return rows
@@ -238,10 +285,14 @@ def oracle_gains(found: dict, cell: Cell, variant: str = "oracle") -> Optional[d
 def run_map(runner, cell_names=None, jobs: int = 1, log=print) -> None:
     """Every step of every cell asked for (all by default) that is not yet done: the base, the data, the step
     counts, the gate, and the full rows where the gate passes."""
-    cells = [CELLS[name] for name in (cell_names or CELLS)]
+    cells = [CELLS[name] for name in (cell_names or DEFAULT_CELLS)]
     runner.run_base()
+    for cell in cells:
+        if cell.student != "base":
+            folder, configs = cell.base(runner)
+            runner.run_base(log, folder, configs)
     build_data(runner, log)
-    runner.run_many([tune_row(runner, cell) for cell in cells], [0], jobs)
+    runner.run_many([tune_row(runner, cell) for cell in cells if not cell.from_scratch], [0], jobs)
     steps = {cell.name: chosen_steps(runner, cell)["steps"] for cell in cells}
     for cell in cells:
         log(f"[{cell.name}] step count chosen on the validation split: {steps[cell.name]}")
@@ -349,7 +400,8 @@ def map_table(steps: dict, rows: dict, found: dict) -> str:
         accuracies = " / ".join(f"{np.mean(accuracy(v)):.3f}" if accuracy(v) else "–"
                                 for v in ("ctc", "oracle", "uot_anchor"))
         cells = [
-            f"{choice['steps']} ({choice['validation_cer']:.3f}, {choice['last_cer']:.3f})",
+            f"{choice['steps']} ({choice['validation_cer']:.3f}, {choice['last_cer']:.3f})" if choice["curve"]
+            else f"{choice['steps']} (stage 1's recipe)",
             str(len(runs("ctc"))), mean_spread([m["cer"] for m in runs("ctc").values()], 4),
             _interval_cell(oracle, "relative_cer", 100, " %"), _interval_cell(oracle, "homophone_points", 100, " pt"),
             _interval_cell(gains["uot_anchor"], "relative_cer", 100, " %"),

@@ -77,7 +77,7 @@ def test_a_corpus_sentence_missing_from_the_split_is_refused(homophone_data, tmp
 
 
 def test_every_map_row_is_a_valid_script_command_with_the_cells_step_count():
-    for cell in transfer_map.CELLS.values():
+    for cell in (transfer_map.CELLS["homophones_100"], transfer_map.CELLS["homophones_400"]):
         tune = transfer_map.tune_row(runner, cell)
         _, data_args, transfer_args, _, training_args = script.parse_arguments(tune.train_argv(0))
         assert data_args.data_dir == cell.tune_corpus and transfer_args.aligner == "none"
@@ -101,6 +101,29 @@ def test_every_map_row_is_a_valid_script_command_with_the_cells_step_count():
             "ctc": ("none", 0.0, 0.0, None), "oracle": ("oracle", 0.0, 0.0, 2.0),
             "uot_anchor": ("uot", 1.0, 1.0, 2.0), "ot_anchor": ("ot", 1.0, 1.0, 2.0), "tot": ("ot", 0.0, 1.0, 2.0),
         }
+
+
+def test_the_from_scratch_cell_is_stage_1_with_the_transfer_after_the_warm_up():
+    cell = transfer_map.CELLS["from_scratch"]
+    for row in transfer_map.map_rows(runner, cell, transfer_map.chosen_steps(runner, cell)["steps"]):
+        model_args, data_args, transfer_args, _, training_args = script.parse_arguments(row.train_argv(1))
+        base_args = script.parse_arguments(list(runner.BASE_CONFIGS))
+        # The base model's recipe (corpus, model, steps, learning rate), from random weights, nothing exported.
+        assert model_args.model_name_or_path is None and not model_args.plain_model_dir
+        assert model_args.model_config == base_args[0].model_config and data_args.data_dir == runner.BASE_CORPUS
+        assert (training_args.max_steps, training_args.learning_rate) == (6000, base_args[4].learning_rate)
+        assert transfer_args.kt_warmup_steps == (0 if transfer_args.aligner == "none" else 400)
+
+
+def test_the_larger_student_starts_from_its_own_base():
+    cell = transfer_map.CELLS["homophones_100_large"]
+    folder, configs = cell.base(runner)
+    model_args = script.parse_arguments(list(configs))[0]
+    small = script.parse_arguments(list(runner.BASE_CONFIGS))[0]
+    assert folder != runner.BASE_DIR and model_args.model_config["hidden_size"] > small.model_config["hidden_size"]
+    for row in [transfer_map.tune_row(runner, cell), *transfer_map.map_rows(runner, cell, 300)]:
+        model_args = script.parse_arguments(row.train_argv(0))[0]
+        assert model_args.model_name_or_path == model_args.tokenizer_name_or_path == os.path.join(folder, "plain")
 
 
 def write_tune_state(runs_dir, cell, curve):
@@ -188,8 +211,11 @@ def test_the_map_runs_the_full_rows_only_where_the_oracle_gains(tmp_path, monkey
     transfer_map.run_map(runner, None, jobs=2, log=lambda _: None)
     tune, gate, full = asked
     assert tune == (["map_homophones_100_tune", "map_homophones_400_tune"], [0], [300, 300])
+    # The from-scratch cell has no step-count run: stage 1's recipe sets it.
     assert gate[1] == [0, 1, 2] and set(gate[0]) == {
-        "map_homophones_100_ctc", "map_homophones_100_oracle", "map_homophones_400_ctc", "map_homophones_400_oracle"}
+        "map_homophones_100_ctc", "map_homophones_100_oracle", "map_homophones_400_ctc", "map_homophones_400_oracle",
+        "map_from_scratch_ctc", "map_from_scratch_oracle"}
+    assert dict(zip(gate[0], gate[2]))["map_from_scratch_oracle"] == 6000
     # Each cell's rows at the step count its own validation run chose.
     assert dict(zip(gate[0], gate[2]))["map_homophones_100_oracle"] == 200
     assert dict(zip(gate[0], gate[2]))["map_homophones_400_ctc"] == 300
