@@ -92,6 +92,9 @@ RHO_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
 # The curve at the recipe's entropic regularisation and at a sharper one, where frames can separate more.
 SWEEP_EPS = (0.1, 0.02)
 SCORES = ("dropped", "mass", "precision", "recall", "effective_frames", "mass_outside_words")
+# Flags added to every training this module launches (the base's and the rows'), after the row's own: a GPU run's
+# `use_cpu false`, a teacher folder of another machine (scripts/gpu_map_cell.py sets them).
+EXTRA_TRAIN_FLAGS: dict = {}
 # Bump when the evaluation changes: the report refuses metrics of another version (rerun with --reevaluate).
 EVAL_VERSION = 2
 
@@ -134,6 +137,7 @@ class Row:
         flags = {"data_dir": self.data_dir, **self.flags, "seed": seed, "output_dir": run_dir(self, seed)}
         if self.regime == "low-resource":
             flags["max_train_samples"] = LOW_RESOURCE_SAMPLES
+        flags.update(EXTRA_TRAIN_FLAGS)
         if self.configs:
             argv = list(self.configs)
         else:
@@ -325,14 +329,16 @@ def _train_and_evaluate(row: Row, seed: int, folder: str, metrics_path: str, log
     return metrics
 
 
-def build_transfer_corpora(log=print) -> None:
+def build_transfer_corpora(log=print, base_only: bool = False) -> None:
     """Build whichever corpus of the transfer experiments is missing (each command is in `CORPUS_COMMANDS`), then
-    the validation split (`write_tuning_split`)."""
+    the validation split (`write_tuning_split`); with `base_only`, the base corpus alone."""
     for folder, command in CORPUS_COMMANDS.items():
-        if os.path.isfile(os.path.join(folder, "test", "metadata.csv")):
+        if os.path.isfile(os.path.join(folder, "test", "metadata.csv")) or (base_only and folder != BASE_CORPUS):
             continue
         log(f"building {folder}: {command}")
         subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, check=True)
+    if base_only:
+        return
     if not os.path.isfile(os.path.join(TUNE_CORPUS, "test", "metadata.csv")):
         write_tuning_split(TARGET_CORPUS, TUNE_CORPUS, TUNE_VALID)
 
@@ -368,7 +374,7 @@ def base_command(configs: tuple = BASE_CONFIGS, flags: Optional[dict] = None) ->
     return f"OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py {' '.join(configs)}{extra}"
 
 
-def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS) -> dict:
+def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS, all_corpora: bool = True) -> dict:
     """Stage 1: train the CTC base model on BASE_CORPUS (or resume it), export it as a plain checkpoint for the
     stage-2 rows, and evaluate it on the base corpus's test split (held-out sentences, voices heard in training).
     A finished base is read back, not redone.
@@ -377,8 +383,9 @@ def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS) -
         log: where progress lines go.
         folder: the base's output folder; its plain export goes to `<folder>/plain`.
         configs: the training script's config files (another student: BASE_CONFIGS and its model's file).
+        all_corpora: build every missing corpus of the transfer experiments first, not only the base's.
     """
-    build_transfer_corpora(log)
+    build_transfer_corpora(log, base_only=not all_corpora)
     metrics_path = os.path.join(folder, "experiment_metrics.json")
     if os.path.isfile(metrics_path):
         with open(metrics_path, encoding="utf-8") as handle:
@@ -387,9 +394,10 @@ def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS) -
     env = {**os.environ, "OMP_NUM_THREADS": str(BASE_THREADS), "MKL_NUM_THREADS": str(BASE_THREADS),
            "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
     flags = {} if folder == BASE_DIR else {"output_dir": folder, "plain_model_dir": os.path.join(folder, "plain")}
+    flags.update(EXTRA_TRAIN_FLAGS)
     if not os.path.isfile(os.path.join(folder, "plain", "model.safetensors")):
         log(f"[base {folder}] training: {base_command(configs, flags)}")
-        argv = [*configs, *[part for key, value in flags.items() for part in (f"--{key}", value)]]
+        argv = [*configs, *[part for key, value in flags.items() for part in (f"--{key}", str(value))]]
         with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
             subprocess.run([sys.executable, "run_speech_recognition_uot.py", *argv], cwd=ROOT, env=env,
                            stdout=handle, stderr=subprocess.STDOUT, check=True)

@@ -140,9 +140,9 @@ def total_training_sentences() -> int:
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-def build_data(runner, log=print) -> None:
-    """The homophone split (excluding the base corpus's sentences), its spoken corpus, and each cell's manifests;
-    whatever is missing."""
+def build_data(runner, log=print, cells=None) -> None:
+    """The homophone split (excluding the base corpus's sentences), its spoken corpus, and the manifests of `cells`
+    (default: every fine-tuning cell); whatever is missing."""
     if not os.path.isfile(os.path.join(HOMOPHONE_DIR, "homophones.json")):
         command = (f"python -m modeling_uot_ctc.homophones --voices target --output {HOMOPHONE_DIR} "
                    f"--exclude-corpus {runner.BASE_CORPUS}")
@@ -153,7 +153,7 @@ def build_data(runner, log=print) -> None:
             command = json.load(handle)["corpus_command"]
         log(f"building {HOMOPHONE_CORPUS}: {command}")
         subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
-    for cell in CELLS.values():
+    for cell in cells or CELLS.values():
         if not cell.from_scratch:
             write_cell_corpora(runner, cell)
 
