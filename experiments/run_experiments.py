@@ -21,7 +21,7 @@ target set (stage 2), every variant first on a validation split, then the table'
 
 The transfer map (docs/RESULTS.md, "Where the transfer pays"; experiments/transfer_map.py):
 
-    python experiments/run_experiments.py map --jobs 2                   # every cell, resumable
+    python experiments/run_experiments.py map --jobs 2                   # the default cells, resumable
     python experiments/run_experiments.py map-report                     # its table, plot and CSV
 
 Runs use one CPU thread each (`OMP_NUM_THREADS=1`), which makes a seed's numbers repeatable on the same machine and
@@ -823,12 +823,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     lm_one.add_argument("folder")
     lm_report = commands.add_parser("lm-report", help="write the greedy-against-LM table of docs/RESULTS.md")
     lm_report.add_argument("--output", default="docs")
-    transfer_map = commands.add_parser(
+    map_command = commands.add_parser(
         "map", help="the transfer map: step counts, CTC against the oracle, the full rows where it gains "
         "(experiments/transfer_map.py)"
     )
-    transfer_map.add_argument("--cells", nargs="+", help="cells of transfer_map.CELLS (default: all)")
-    transfer_map.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
+    map_command.add_argument(
+        "--cells", nargs="+", help="cells of transfer_map.CELLS (default: transfer_map.DEFAULT_CELLS, which leave out "
+        "the larger student)"
+    )
+    map_command.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
     map_report = commands.add_parser("map-report", help="write the map's tables, plot and CSV into docs/")
     map_report.add_argument("--output", default="docs")
     args = parser.parse_args(argv)

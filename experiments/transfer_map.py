@@ -1,19 +1,24 @@
 """The transfer map (docs/RESULTS.md, "Where the transfer pays"): the regimes where alignment-based transfer from the
 text model can help at all, the oracle first, and in those regimes how much of the oracle's gain UOT keeps.
 
-    python experiments/run_experiments.py map --jobs 2       # every cell not yet done; resumable
+    python experiments/run_experiments.py map --jobs 2       # the DEFAULT_CELLS, whatever is not yet done
+    python experiments/run_experiments.py map --cells homophones_100_large   # a cell outside the default
     python experiments/run_experiments.py map-report         # the table, the plot and docs/results/map_runs.csv
+
+`runner`, the first argument of most functions here, is the experiments' runner module
+(experiments/run_experiments.py, as `run_experiments.py map` passes itself): its rows, runs folder and run helpers.
 
 A cell is a corpus and a training budget. Each goes through three steps, every run of them through the experiments'
 runner (`run_one`: a finished run is read back, an interrupted one resumes from its checkpoint):
 
-1. **Step count.** CTC alone on the cell's validation split (training sentences held out), evaluated every
-   `TUNE_EVAL_STEPS` up to `TUNE_MAX_STEPS`; the step of lowest validation CER is the cell's step count, the same
-   for every row. The learning rate is constant after its warm-up (configs/transfer_map.yaml), so a run stopped
-   there is in the state the validation run was in at that step.
+1. **Step count.** CTC alone on the cell's validation split (training sentences held out), evaluated before the
+   first step (the base's own CER) and every `TUNE_EVAL_STEPS` up to `TUNE_MAX_STEPS`; the step of lowest validation
+   CER is the cell's step count, the same for every row. The learning rate is constant after its warm-up
+   (configs/transfer_map.yaml), so a run stopped there has had the schedule the validation run had up to that step
+   (on the same data where the cell trains on at most 300 sentences; the 400-sentence cell's count was found on 300).
 2. **The gate.** CTC alone against the oracle (each word piece pooled from its word's true frames), `GATE_SEEDS`,
    paired by seed, on the cell's test split.
-3. **The full rows**, only where the oracle gains (`oracle_gains`: at least `GATE_RELATIVE_CER` relative CER or
+3. **The full rows**, only where the oracle gains on every gate seed (`gains_against_ctc`: at least `GATE_RELATIVE_CER` relative CER or
    `GATE_HOMOPHONE_POINTS` of homophone accuracy, 95 % interval excluding zero): CTC, the oracle, anchored UOT,
    anchored balanced OT and temporal-order OT (balanced, cosine cost, temporal prior), `FULL_SEEDS`.
 
@@ -41,8 +46,8 @@ HOMOPHONE_CORPUS = "data/homophone_target_clean"
 MAP_DATA = "data/map"
 MAP_CONFIG = "configs/transfer_map.yaml"
 VALID_SENTENCES = 100
-TUNE_MAX_STEPS = 1500
-TUNE_EVAL_STEPS = 100
+TUNE_MAX_STEPS = 600
+TUNE_EVAL_STEPS = 25
 GATE_SEEDS = (0, 1, 2)
 FULL_SEEDS = (0, 1, 2, 3, 4)
 GATE_ROWS = ("ctc", "oracle")
@@ -97,11 +102,8 @@ class Cell:
         return os.path.join(MAP_DATA, f"{self.name}_tune")
 
     @property
-    def tune_train_sentences(self) -> int:
-        return min(self.train_sentences, total_training_sentences() - VALID_SENTENCES)
-
-    @property
     def command(self) -> str:
+        """The command that runs this cell (every step of it not yet done)."""
         return f"{MAP_COMMAND} --cells {self.name}"
 
     def base(self, runner) -> tuple[str, tuple]:
@@ -122,8 +124,10 @@ CELLS = {
              100, student="large"),
     )
 }
-# The cells `map` runs when none are named: the larger student's own base takes hours on two cores, so it runs when
-# asked for (or on a GPU: scripts/gpu_map_cell.py).
+# The cells `map` runs when none are named. The larger student's own base is a 6000-step training of a model 4.4
+# times larger (hours on two cores before its cell can start), so it runs when asked for, or on a GPU
+# (scripts/gpu_map_cell.py). The from-scratch cell is long too (six 6000-step trainings on one thread each) but needs
+# nothing before it.
 DEFAULT_CELLS = ("homophones_100", "homophones_400", "from_scratch")
 # The issue's last resort, in the table as not run until it is built.
 PLANNED_CELLS = {
@@ -131,18 +135,18 @@ PLANNED_CELLS = {
 }
 
 
-def total_training_sentences() -> int:
-    """How many training sentences the homophone split holds (`homophones.json`)."""
-    with open(os.path.join(HOMOPHONE_DIR, "homophones.json"), encoding="utf-8") as handle:
-        return len(json.load(handle)["train"])
-
-
 # ------------------------------------------------------------------------------------------------------------ data
 
 
 def build_data(runner, log=print, cells=None) -> None:
-    """The homophone split (excluding the base corpus's sentences), its spoken corpus, and the manifests of `cells`
-    (default: every fine-tuning cell); whatever is missing."""
+    """The homophone split (excluding the base corpus's sentences), its spoken corpus, and the manifests of the
+    fine-tuning cells; whatever is missing.
+
+    Args:
+        runner: the experiments' runner module.
+        log: where progress lines go.
+        cells: the cells whose manifests to write (default: every cell of CELLS).
+    """
     if not os.path.isfile(os.path.join(HOMOPHONE_DIR, "homophones.json")):
         command = (f"python -m modeling_uot_ctc.homophones --voices target --output {HOMOPHONE_DIR} "
                    f"--exclude-corpus {runner.BASE_CORPUS}")
@@ -174,11 +178,14 @@ def priority_order(corpus: str, description: str) -> list[dict]:
 
 def write_cell_corpora(runner, cell: Cell) -> None:
     """The cell's corpus (first `train_sentences` training rows, the whole test split) and its validation corpus
-    (the last VALID_SENTENCES training rows as `test`, the first `tune_train_sentences` as `train`), as manifests."""
+    (the last VALID_SENTENCES training rows as `test`, the first `train_sentences` of the others as `train`), as
+    manifests over HOMOPHONE_CORPUS."""
     ordered = priority_order(HOMOPHONE_CORPUS, os.path.join(HOMOPHONE_DIR, "homophones.json"))
-    if len(ordered) < cell.train_sentences:
+    if len(ordered) < cell.train_sentences or len(ordered) <= VALID_SENTENCES:
         raise ValueError(f"{HOMOPHONE_CORPUS} has {len(ordered)} training rows; {cell.name} needs "
-                         f"{cell.train_sentences}.")
+                         f"{cell.train_sentences}, and more than {VALID_SENTENCES} to hold some out.")
+    tune_train = ordered[: min(cell.train_sentences, len(ordered) - VALID_SENTENCES)]
+    valid = ordered[-VALID_SENTENCES:]
     source_train, source_test = (os.path.join(HOMOPHONE_CORPUS, split) for split in ("train", "test"))
     for row in ordered:
         row.pop("path", None)  # read_corpus's absolute path; the manifests keep the corpus's own columns
@@ -186,8 +193,8 @@ def write_cell_corpora(runner, cell: Cell) -> None:
         test_rows = list(csv.DictReader(handle))
     runner.write_manifest(ordered[: cell.train_sentences], source_train, os.path.join(cell.corpus, "train"))
     runner.write_manifest(test_rows, source_test, os.path.join(cell.corpus, "test"))
-    runner.write_manifest(ordered[: cell.tune_train_sentences], source_train, os.path.join(cell.tune_corpus, "train"))
-    runner.write_manifest(ordered[-VALID_SENTENCES:], source_train, os.path.join(cell.tune_corpus, "test"))
+    runner.write_manifest(tune_train, source_train, os.path.join(cell.tune_corpus, "train"))
+    runner.write_manifest(valid, source_train, os.path.join(cell.tune_corpus, "test"))
 
 
 # ------------------------------------------------------------------------------------------------------------ rows
@@ -195,8 +202,9 @@ def write_cell_corpora(runner, cell: Cell) -> None:
 
 def tune_row(runner, cell: Cell):
     """CTC alone on the cell's validation corpus, evaluated every TUNE_EVAL_STEPS."""
+    # Evaluated before the first step too: the base's own validation CER, the point fine-tuning has to beat.
     flags = {"aligner": "none", "max_steps": TUNE_MAX_STEPS, "do_eval": True, "eval_strategy": "steps",
-             "eval_steps": TUNE_EVAL_STEPS, "save_steps": TUNE_EVAL_STEPS}
+             "eval_steps": TUNE_EVAL_STEPS, "eval_on_start": True, "save_steps": TUNE_EVAL_STEPS}
     flags.update(_student_flags(runner, cell))
     return runner.Row(f"map_{cell.name}_tune", "map-tune", "CTC alone, validation split, step count", flags,
                       corpus=cell.tune_corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command)
@@ -212,10 +220,13 @@ def _student_flags(runner, cell: Cell) -> dict:
 
 
 def chosen_steps(runner, cell: Cell) -> Optional[dict]:
-    """The cell's step count from its validation run: `{"steps", "validation_cer", "last_cer", "curve"}`, where
-    `curve` is `[(step, cer), ...]`; None until that run has finished."""
+    """The cell's step count from its validation run: `{"steps", "validation_cer", "last_cer", "base_cer",
+    "curve"}`, where `curve` is `[(step, cer), ...]` and `base_cer` the CER before the first step; None until that
+    run has finished. The count is at least one evaluation interval: where the base itself reads the validation
+    split best, the table shows it (`base_cer` below every other point), and the rows still fine-tune."""
     if cell.from_scratch:
-        return {"steps": SCRATCH_STEPS, "validation_cer": math.nan, "last_cer": math.nan, "curve": []}
+        return {"steps": SCRATCH_STEPS, "validation_cer": math.nan, "last_cer": math.nan, "base_cer": math.nan,
+                "curve": []}
     path = os.path.join(runner.run_dir(tune_row(runner, cell), 0), "trainer_state.json")
     if not os.path.isfile(path):
         return None
@@ -224,12 +235,20 @@ def chosen_steps(runner, cell: Cell) -> Optional[dict]:
     curve = [(entry["step"], entry["eval_cer"]) for entry in state["log_history"] if "eval_cer" in entry]
     if not curve or curve[-1][0] < TUNE_MAX_STEPS:
         return None
-    step, cer = min(curve, key=lambda point: (point[1], point[0]))  # ties: the earlier step
-    return {"steps": step, "validation_cer": cer, "last_cer": curve[-1][1], "curve": curve}
+    base_cer = curve[0][1] if curve[0][0] == 0 else math.nan
+    step, cer = min((p for p in curve if p[0] > 0), key=lambda point: (point[1], point[0]))  # ties: the earlier step
+    return {"steps": step, "validation_cer": cer, "last_cer": curve[-1][1], "base_cer": base_cer, "curve": curve}
 
 
 def map_rows(runner, cell: Cell, steps: int, variants=FULL_ROWS) -> list:
-    """The cell's rows at its step count: each variant of `runner.VARIANTS` at the table's transfer weight."""
+    """The cell's rows at its step count: each variant of `runner.VARIANTS` at the table's transfer weight.
+
+    Args:
+        runner: the experiments' runner module.
+        cell: the map's cell.
+        steps: the cell's step count (`chosen_steps`).
+        variants: names of `runner.VARIANTS`, or "tot" (TEMPORAL_ORDER_OT).
+    """
     rows = []
     for variant in variants:
         description, flags = TEMPORAL_ORDER_OT if variant == "tot" else runner.VARIANTS[variant]
@@ -252,17 +271,32 @@ def map_rows(runner, cell: Cell, steps: int, variants=FULL_ROWS) -> list:
 # ---------------------------------------------------------------------------------------------------------- gate
 
 
-def oracle_gains(found: dict, cell: Cell, variant: str = "oracle") -> Optional[dict]:
+def gains_against_ctc(found: dict, cell: Cell, variant: str = "oracle", seeds=None) -> Optional[dict]:
     """A variant against CTC alone in one cell, paired by seed: the relative CER change and the change of homophone
     accuracy (points as fractions), each with its 95 % t-interval, and whether it passes the gate (a gain of at
-    least GATE_RELATIVE_CER or GATE_HOMOPHONE_POINTS whose interval excludes zero). None with fewer than two
-    paired seeds."""
+    least GATE_RELATIVE_CER or GATE_HOMOPHONE_POINTS whose interval excludes zero).
+
+    The relative change divides each seed's CER difference by CTC's mean CER over the paired seeds, taken as a
+    constant: the interval is that of the differences, scaled.
+
+    Args:
+        found: `{row name: {seed: metrics}}` (`runner.load_run_metrics`).
+        cell: the map's cell.
+        variant: the row's variant ("oracle", "uot_anchor", ...).
+        seeds: only these seeds, and all of them (None where one is missing); default: every seed both rows have,
+            at least two.
+    """
     import numpy as np
 
     from report import t_interval  # experiments/report.py
 
     ctc, other = found.get(f"map_{cell.name}_ctc", {}), found.get(f"map_{cell.name}_{variant}", {})
-    seeds = sorted(set(ctc) & set(other))
+    paired = sorted(set(ctc) & set(other))
+    if seeds is not None:
+        if not set(seeds) <= set(paired):
+            return None
+        paired = sorted(seeds)
+    seeds = paired
     if len(seeds) < 2:
         return None
     base_cer = float(np.mean([ctc[s]["cer"] for s in seeds]))
@@ -283,35 +317,69 @@ def oracle_gains(found: dict, cell: Cell, variant: str = "oracle") -> Optional[d
 
 
 def run_map(runner, cell_names=None, jobs: int = 1, log=print) -> None:
-    """Every step of every cell asked for (all by default) that is not yet done: the base, the data, the step
-    counts, the gate, and the full rows where the gate passes."""
+    """Every step of the cells asked for that is not yet done: the bases, the data, the step counts, the gate, and
+    the full rows where the gate passes on every GATE_SEEDS seed.
+
+    Args:
+        runner: the experiments' runner module.
+        cell_names: names of CELLS (default: DEFAULT_CELLS).
+        jobs: trainings at a time, one CPU thread each.
+        log: where progress lines go.
+    """
     cells = [CELLS[name] for name in (cell_names or DEFAULT_CELLS)]
-    runner.run_base()
+    fine_tuning = [cell for cell in cells if not cell.from_scratch]
+    for folder, configs in dict.fromkeys(cell.base(runner) for cell in fine_tuning):
+        runner.run_base(log, folder, configs)
+    runner.build_transfer_corpora(log, base_only=True)  # the from-scratch cell's corpus
+    build_data(runner, log, fine_tuning)
+    runner.run_many([tune_row(runner, cell) for cell in fine_tuning], [0], jobs)
+    steps = {}
     for cell in cells:
-        if cell.student != "base":
-            folder, configs = cell.base(runner)
-            runner.run_base(log, folder, configs)
-    build_data(runner, log)
-    runner.run_many([tune_row(runner, cell) for cell in cells if not cell.from_scratch], [0], jobs)
-    steps = {cell.name: chosen_steps(runner, cell)["steps"] for cell in cells}
-    for cell in cells:
-        log(f"[{cell.name}] step count chosen on the validation split: {steps[cell.name]}")
+        choice = chosen_steps(runner, cell)
+        if choice is None:  # its validation run failed, or another runner holds it
+            log(f"[{cell.name}] no step count yet: its validation run has not finished; left for now")
+            continue
+        steps[cell.name] = choice["steps"]
+        log(f"[{cell.name}] step count: {steps[cell.name]}")
+    cells = [cell for cell in cells if cell.name in steps]
     gate = [row for cell in cells for row in map_rows(runner, cell, steps[cell.name], GATE_ROWS)]
+    refuse_other_step_counts(runner, gate, FULL_SEEDS)
     runner.run_many(gate, list(GATE_SEEDS), jobs)
     found = runner.load_run_metrics(gate, GATE_SEEDS)
     full = []
     for cell in cells:
-        gains = oracle_gains(found, cell)
+        gains = gains_against_ctc(found, cell, seeds=GATE_SEEDS)
         log(f"[{cell.name}] oracle against CTC alone: {describe_gains(gains)}")
         if gains and gains["passes"]:
             full += map_rows(runner, cell, steps[cell.name], FULL_ROWS)
     if full:
+        refuse_other_step_counts(runner, full, FULL_SEEDS)
         runner.run_many(full, list(FULL_SEEDS), jobs)
 
 
+def trained_steps(runner, row, seed: int) -> Optional[int]:
+    """The optimiser steps a run folder says it took (its `trainer_state.json`), None where it has none."""
+    path = os.path.join(runner.run_dir(row, seed), "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["global_step"]
+
+
+def refuse_other_step_counts(runner, rows, seeds) -> None:
+    """Stop where a finished run of `rows` trained for another step count than its row's (the step count was chosen
+    again, after a change): the runner would read it back as done."""
+    stale = [runner.run_dir(row, seed) for row in rows for seed in seeds
+             if trained_steps(runner, row, seed) not in (None, row.flags["max_steps"])]
+    if stale:
+        raise SystemExit("These runs trained for another step count than their cell's now; move them away and run "
+                         "again:\n  " + "\n  ".join(stale))
+
+
 def describe_gains(gains: Optional[dict]) -> str:
+    """One line: a row's relative CER change and homophone-accuracy change against CTC alone, and the gate."""
     if gains is None:
-        return "fewer than two paired seeds"
+        return "not all gate seeds paired yet"
     text = (f"CER {gains['relative_cer']:+.1%} (95 % CI {gains['relative_cer_ci'][0]:+.1%} to "
             f"{gains['relative_cer_ci'][1]:+.1%})")
     if "homophone_points" in gains:
@@ -324,18 +392,26 @@ def describe_gains(gains: Optional[dict]) -> str:
 
 MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
 CSV_FIELDS = ("cell", "row", "seed", "steps", "cer", "wer", "homophone_accuracy", "control_accuracy",
-              "homophone_words", "precision", "recall", "dropped", "train_minutes")
+              "homophone_words", "precision", "recall", "dropped", "train_minutes", "train_resumed")
 
 
 def collect(runner) -> tuple[dict, dict, dict]:
-    """`(steps, rows, found)`: each cell's step choice, its rows (`{cell: [Row, ...]}`), and the finished runs."""
+    """`(steps, rows, found)`: each cell's step choice, its rows (`{cell: [Row, ...]}`), and the finished runs at
+    the cell's step count (a run of another count is left out and named)."""
     steps, rows, found = {}, {}, {}
     for cell in CELLS.values():
         steps[cell.name] = chosen_steps(runner, cell)
         if steps[cell.name] is None:
             continue
         rows[cell.name] = map_rows(runner, cell, steps[cell.name]["steps"])
-        found.update(runner.load_run_metrics(rows[cell.name], FULL_SEEDS))
+        for name, runs in runner.load_run_metrics(rows[cell.name], FULL_SEEDS).items():
+            row = next(r for r in rows[cell.name] if r.name == name)
+            for seed in list(runs):
+                if trained_steps(runner, row, seed) not in (None, row.flags["max_steps"]):
+                    print(f"left out, trained for another step count than {row.flags['max_steps']}: "
+                          f"{runner.run_dir(row, seed)}")
+                    del runs[seed]
+            found[name] = runs
     return steps, rows, found
 
 
@@ -355,12 +431,15 @@ def run_records(steps: dict, rows: dict, found: dict) -> list[dict]:
                     "homophone_words": homophones.get("homophone_words", math.nan),
                     "precision": alignment.get("precision", math.nan), "recall": alignment.get("recall", math.nan),
                     "dropped": alignment.get("dropped", math.nan),
-                    "train_minutes": metrics.get("train_minutes") or math.nan,
+                    # A resumed run's training time covers its last stretch only.
+                    "train_minutes": math.nan if metrics.get("train_minutes") is None else metrics["train_minutes"],
+                    "train_resumed": bool(metrics.get("train_resumed")),
                 })
     return records
 
 
 def _interval_cell(gains: Optional[dict], key: str, scale: float, unit: str) -> str:
+    """`+x.x unit (95 % CI ...)` of one of `gains_against_ctc`'s changes, scaled; "–" where it has none."""
     if not gains or key not in gains:
         return "–"
     low, high = gains[f"{key}_ci"]
@@ -368,49 +447,60 @@ def _interval_cell(gains: Optional[dict], key: str, scale: float, unit: str) -> 
 
 
 def _share(gains: Optional[dict], oracle: Optional[dict]) -> str:
-    """A row's CER gain as a share of the oracle's, only where the oracle passed the gate."""
-    if not gains or not oracle or not oracle["passes"]:
+    """A row's CER gain as a share of the oracle's, only where the oracle's CER gain is real (the gate passed and
+    its CER interval excludes zero; a gate passed on homophone accuracy alone gives no CER to share)."""
+    if not gains or not oracle or not oracle["passes"] or oracle["relative_cer_ci"][1] >= 0:
         return "–"
     return f"{gains['relative_cer'] / oracle['relative_cer']:.0%}"
 
 
 def map_table(steps: dict, rows: dict, found: dict) -> str:
-    """The map, a line per cell: the step count, CTC alone, the oracle's gain, what the aligners keep of it."""
+    """The map, a line per cell: the step count, the gate, CTC alone, the oracle's gain, what the aligners keep of
+    it (on every seed the rows share, up to FULL_SEEDS), homophone accuracy.
+
+    Args:
+        steps: each cell's `chosen_steps`.
+        rows: each cell's rows.
+        found: the finished runs, `{row name: {seed: metrics}}`.
+    """
     import numpy as np
 
     from report import mean_spread  # experiments/report.py
 
     lines = [
-        "| cell | steps (validation CER there, at the last step) | seeds | CTC CER | oracle ΔCER | oracle Δ homophone "
-        "accuracy | UOT ΔCER | UOT's share | balanced OT's share | temporal-order OT's share | homophone accuracy: "
-        "CTC / oracle / UOT (control) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | steps (validation CER: base, chosen step, last step) | gate, oracle on the 3 gate seeds | seeds "
+        "| CTC CER | oracle ΔCER | oracle Δ homophone accuracy | UOT ΔCER | UOT's share | balanced OT's share "
+        "| temporal-order OT's share | homophone accuracy: CTC / oracle / UOT (CTC's control) | n-gram LM | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in CELLS.values():
         choice = steps.get(cell.name)
         if choice is None:
-            lines.append(f"| {cell.name}: {cell.description} | not run yet |" + " |" * 9 + f" `{cell.command}` |")
+            lines.append(f"| {cell.name}: {cell.description} | not run yet |" + " |" * 11 + f" `{cell.command}` |")
             continue
         runs = lambda variant: found.get(f"map_{cell.name}_{variant}", {})  # noqa: E731
-        oracle = oracle_gains(found, cell)
-        gains = {v: oracle_gains(found, cell, v) for v in ("uot_anchor", "ot_anchor", "tot")}
+        oracle = gains_against_ctc(found, cell)
+        gate = gains_against_ctc(found, cell, seeds=GATE_SEEDS)
+        verdict = "not decided" if gate is None else "passes" if gate["passes"] else "shut"
+        gains = {v: gains_against_ctc(found, cell, v) for v in ("uot_anchor", "ot_anchor", "tot")}
         accuracy = lambda v: [m["homophones"]["homophone_accuracy"] for m in runs(v).values()  # noqa: E731
                               if "homophones" in m]
         control = [m["homophones"]["control_accuracy"] for m in runs("ctc").values() if "homophones" in m]
         accuracies = " / ".join(f"{np.mean(accuracy(v)):.3f}" if accuracy(v) else "–"
                                 for v in ("ctc", "oracle", "uot_anchor"))
-        cells = [
-            f"{choice['steps']} ({choice['validation_cer']:.3f}, {choice['last_cer']:.3f})" if choice["curve"]
-            else f"{choice['steps']} (stage 1's recipe)",
+        columns = [
+            f"{choice['steps']} ({choice['base_cer']:.3f}, {choice['validation_cer']:.3f}, {choice['last_cer']:.3f})"
+            if choice["curve"] else f"{choice['steps']} (stage 1's recipe)", verdict,
             str(len(runs("ctc"))), mean_spread([m["cer"] for m in runs("ctc").values()], 4),
             _interval_cell(oracle, "relative_cer", 100, " %"), _interval_cell(oracle, "homophone_points", 100, " pt"),
             _interval_cell(gains["uot_anchor"], "relative_cer", 100, " %"),
             _share(gains["uot_anchor"], oracle), _share(gains["ot_anchor"], oracle), _share(gains["tot"], oracle),
             f"{accuracies} ({np.mean(control):.3f})" if control else accuracies,
+            "only where the gate passes" if verdict != "passes" else "not run yet",
         ]
-        lines.append(f"| {cell.name}: {cell.description} | " + " | ".join(cells) + f" | `{cell.command}` |")
+        lines.append(f"| {cell.name}: {cell.description} | " + " | ".join(columns) + f" | `{cell.command}` |")
     for name, description in PLANNED_CELLS.items():
-        lines.append(f"| {name}: {description} | not run yet |" + " |" * 10)
+        lines.append(f"| {name}: {description} | not built yet |" + " |" * 12)
     return "\n".join(lines) + "\n"
 
 
@@ -437,6 +527,7 @@ def runs_table(rows: dict, found: dict) -> str:
 
 
 def _dig(metrics: dict, keys) -> Optional[float]:
+    """`metrics[k1][k2]...`, None where a key is missing."""
     for key in keys:
         if not isinstance(metrics, dict) or key not in metrics:
             return None
@@ -446,7 +537,13 @@ def _dig(metrics: dict, keys) -> Optional[float]:
 
 def plot_map(steps: dict, found: dict, path: str) -> None:
     """Per cell, each row's paired change against CTC alone with its 95 % interval: relative CER (left) and
-    homophone accuracy in points (right)."""
+    homophone accuracy in points (right).
+
+    Args:
+        steps: each cell's `chosen_steps` (cells without one are left out).
+        found: the finished runs, `{row name: {seed: metrics}}`.
+        path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,7 +554,7 @@ def plot_map(steps: dict, found: dict, path: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.9 * max(1, len(cells))), sharey=True)
     for offset, variant in enumerate(variants):
         for index, cell in enumerate(cells):
-            gains = oracle_gains(found, cell, variant)
+            gains = gains_against_ctc(found, cell, variant)
             if not gains:
                 continue
             y = index + 0.15 * (offset - (len(variants) - 1) / 2)
@@ -480,8 +577,13 @@ def plot_map(steps: dict, found: dict, path: str) -> None:
 
 
 def write_map_report(runner, output: str) -> None:
-    """docs/results/map_runs.csv (a line per run), docs/results/map.png, and the map's tables in
-    `<output>/RESULTS.md` between MAP_START and MAP_END."""
+    """`<output>/results/map_runs.csv` (a line per run), `<output>/results/map.png`, and the map's tables in
+    `<output>/RESULTS.md` between MAP_START and MAP_END (added at the end when missing).
+
+    Args:
+        runner: the experiments' runner module.
+        output: the docs folder.
+    """
     import re
 
     steps, rows, found = collect(runner)
@@ -495,11 +597,11 @@ def write_map_report(runner, output: str) -> None:
     plot_map(steps, found, os.path.join(results, "map.png"))
     curves = "".join(
         f"- {name}: validation CER by step " + ", ".join(f"{step}: {cer:.3f}" for step, cer in choice["curve"]) + "\n"
-        for name, choice in steps.items() if choice
+        for name, choice in steps.items() if choice and choice["curve"]
     )
     generated = (
-        f"{MAP_START}\n<!-- written by `python experiments/run_experiments.py map-report` from "
-        "docs/results/map_runs.csv's runs; edit the prose only -->\n\n"
+        f"{MAP_START}\n<!-- written by `python experiments/run_experiments.py map-report` from the runs' folders, "
+        "as docs/results/map_runs.csv is; edit the prose only -->\n\n"
         + map_table(steps, rows, found)
         + "\nEvery finished row (mean ± sd over seeds):\n\n" + runs_table(rows, found)
         + "\nThe step counts, CTC alone on each cell's validation split:\n\n" + curves + f"{MAP_END}"

@@ -36,6 +36,7 @@ import transfer_map  # noqa: E402
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line (see `--help`); `argv` None reads `sys.argv`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the figures' JSON file, rewritten after each stage")
     parser.add_argument("--cell", default="homophones_100_large", choices=sorted(transfer_map.CELLS),
@@ -44,7 +45,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=3, help="trainings at a time on the one device")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the trainings run")
     parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="no stage starts after this many seconds (default: %(default)s, inside ten minutes)")
+                        help="no stage starts after this many seconds (default: %(default)s, inside ten minutes); "
+                        "checked when a stage starts, so keep a stage's length in hand")
     parser.add_argument("--runs-dir", default="outputs/gpu_map", help="the runner's runs folder (default: %(default)s)")
     parser.add_argument("--teacher", help="the teacher's folder (default: the training script's default)")
     parser.add_argument("--student-config", help="the student's model config file (default: the cell's)")
@@ -89,6 +91,7 @@ def configure(args: argparse.Namespace) -> transfer_map.Cell:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name for "cuda" (refused where torch sees none), "cpu" otherwise."""
     import torch
 
     if device == "cuda":
@@ -99,6 +102,7 @@ def device_name(device: str) -> str:
 
 
 def main(argv=None) -> dict:
+    """Run the stages within the budget; return the figures written to `--output`."""
     args = parse_arguments(argv)
     started = time.time()
     os.chdir(ROOT)
@@ -119,14 +123,17 @@ def main(argv=None) -> dict:
             write()
             return False
         begun = time.time()
-        figures["stages"][name] = {"result": work(), "seconds": round(time.time() - begun, 1)}
+        try:
+            figures["stages"][name] = {"result": work(), "seconds": round(time.time() - begun, 1)}
+        except BaseException as error:  # a failed stage is named in the figures before the error goes on
+            figures["failed"] = {"stage": name, "error": f"{type(error).__name__}: {error}"}
+            write()
+            raise
         write()
         return True
 
     def base():
         folder, configs = cell.base(runner)
-        if args.student_config and cell.student != "base":
-            configs = (*runner.BASE_CONFIGS, args.student_config)
         if args.base_steps:
             runner.EXTRA_TRAIN_FLAGS.update(max_steps=args.base_steps, save_steps=args.base_steps)
         try:
@@ -140,6 +147,8 @@ def main(argv=None) -> dict:
         transfer_map.build_data(runner, cells=[cell])
         runner.run_many([transfer_map.tune_row(runner, cell)], [0], 1)
         choice = transfer_map.chosen_steps(runner, cell)
+        if choice is None:
+            raise RuntimeError(f"the step-count run of {cell.name} did not finish (see its folder in {args.runs_dir})")
         return {"steps": choice["steps"], "validation_cer": choice["validation_cer"], "curve": choice["curve"]}
 
     def gate():
@@ -151,7 +160,7 @@ def main(argv=None) -> dict:
                  "homophone_accuracy": m.get("homophones", {}).get("homophone_accuracy"),
                  "train_minutes": m.get("train_minutes")}
                 for row in rows for seed, m in sorted(found.get(row.name, {}).items())]
-        gains = transfer_map.oracle_gains(found, cell)
+        gains = transfer_map.gains_against_ctc(found, cell, seeds=args.seeds)
         return {"runs": runs, "oracle_against_ctc": transfer_map.describe_gains(gains),
                 "passes": bool(gains and gains["passes"])}
 

@@ -58,7 +58,11 @@ def test_the_gpu_script_runs_every_stage_on_the_cpu_and_writes_its_figures(tmp_p
     assert json.loads((tmp_path / "base" / "plain" / "config.json").read_text())["hidden_size"] == TINY_MODEL[
         "hidden_size"]
     steps = figures["stages"]["steps"]["result"]
-    assert [step for step, _ in steps["curve"]] == [2, 4] and steps["steps"] in (2, 4)
+    curve = json.loads((tmp_path / "runs" / "map_homophones_100_large_tune" / "seed0" / "trainer_state.json")
+                       .read_text())["log_history"]
+    cers = {entry["step"]: entry["eval_cer"] for entry in curve if "eval_cer" in entry}
+    assert sorted(cers) == [0, 2, 4] and [step for step, _ in steps["curve"]] == [0, 2, 4]
+    assert steps["steps"] == min((2, 4), key=lambda step: (cers[step], step))  # lowest CER after the base
     # Two rows on two seeds, each a training of the chosen length from the student's base, and evaluated.
     runs = figures["stages"]["gate"]["result"]["runs"]
     assert sorted((r["row"], r["seed"]) for r in runs) == [
@@ -67,7 +71,9 @@ def test_the_gpu_script_runs_every_stage_on_the_cpu_and_writes_its_figures(tmp_p
     for run in runs:
         folder = tmp_path / "runs" / run["row"] / f"seed{run['seed']}"
         assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == steps["steps"]
-        assert 0.0 <= run["cer"] and 0.0 <= run["homophone_accuracy"] <= 1.0
+        metrics = json.loads((folder / "experiment_metrics.json").read_text())
+        assert (run["cer"], run["homophone_accuracy"]) == (metrics["cer"], metrics["homophones"]["homophone_accuracy"])
+        assert metrics["homophones"]["homophone_words"] == 2  # the two test sentences' marked first words
     oracle_config = json.loads((tmp_path / "runs" / "map_homophones_100_large_oracle" / "seed0" / "config.json")
                                .read_text())
     assert oracle_config["aligner"] == "oracle" and oracle_config["teacher_name_or_path"] == teacher

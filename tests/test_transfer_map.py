@@ -168,23 +168,31 @@ def test_the_gate_asks_for_a_gain_whose_interval_excludes_zero():
     found = {"map_homophones_100_ctc": {s: run_metrics(0.30, 0.40) for s in range(3)},
              "map_homophones_100_oracle": {0: run_metrics(0.27, 0.41), 1: run_metrics(0.28, 0.40),
                                            2: run_metrics(0.28, 0.42)}}
-    gains = transfer_map.oracle_gains(found, cell)
+    gains = transfer_map.gains_against_ctc(found, cell)
     assert gains["relative_cer"] == pytest.approx(-0.07778, abs=1e-4)
     assert gains["relative_cer_ci"] == pytest.approx((-0.1256, -0.0300), abs=2e-4)
     assert gains["homophone_points"] == pytest.approx(0.01) and gains["passes"]
     # A larger mean gain whose seeds disagree in sign: its interval holds zero, the gate stays shut.
     found["map_homophones_100_oracle"] = {0: run_metrics(0.23, 0.40), 1: run_metrics(0.31, 0.40),
                                           2: run_metrics(0.26, 0.40)}
-    gains = transfer_map.oracle_gains(found, cell)
+    gains = transfer_map.gains_against_ctc(found, cell)
     assert gains["relative_cer"] == pytest.approx(-0.1111, abs=1e-4) and gains["relative_cer_ci"][1] > 0
     assert not gains["passes"]
     # No CER gain, but five points more homophones right on every seed (4, 5, 6): passes on that alone.
     found["map_homophones_100_oracle"] = {s: run_metrics(0.30, 0.44 + 0.01 * s) for s in range(3)}
-    gains = transfer_map.oracle_gains(found, cell)
+    gains = transfer_map.gains_against_ctc(found, cell)
     assert gains["homophone_points"] == pytest.approx(0.05) and gains["passes"]
     # One paired seed is no evidence.
-    assert transfer_map.oracle_gains({"map_homophones_100_ctc": {0: run_metrics(0.3)},
+    assert transfer_map.gains_against_ctc({"map_homophones_100_ctc": {0: run_metrics(0.3)},
                                       "map_homophones_100_oracle": {0: run_metrics(0.1)}}, cell) is None
+
+
+def test_no_share_of_a_cer_gain_the_oracle_does_not_have():
+    oracle = {"relative_cer": 0.0, "relative_cer_ci": (-0.01, 0.01), "passes": True}  # passed on homophones alone
+    uot = {"relative_cer": -0.02, "relative_cer_ci": (-0.03, -0.01), "passes": False}
+    assert transfer_map._share(uot, oracle) == "–"
+    oracle.update(relative_cer=-0.10, relative_cer_ci=(-0.15, -0.05))
+    assert transfer_map._share(uot, oracle) == "20%"
 
 
 def write_run(runs_dir, name, seed, metrics):
@@ -196,8 +204,10 @@ def write_run(runs_dir, name, seed, metrics):
 def test_the_map_runs_the_full_rows_only_where_the_oracle_gains(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "RUNS_DIR", str(tmp_path))
     monkeypatch.setattr(transfer_map, "TUNE_MAX_STEPS", 300)
-    monkeypatch.setattr(runner, "run_base", lambda log=print: None)
-    monkeypatch.setattr(transfer_map, "build_data", lambda runner, log=print: None)
+    bases = []
+    monkeypatch.setattr(runner, "run_base", lambda log, folder, configs: bases.append(folder))
+    monkeypatch.setattr(runner, "build_transfer_corpora", lambda log, base_only: None)
+    monkeypatch.setattr(transfer_map, "build_data", lambda runner, log, cells: None)
     asked = []
     monkeypatch.setattr(runner, "run_many", lambda rows, seeds, jobs: asked.append(
         ([row.name for row in rows], list(seeds), [row.flags.get("max_steps") for row in rows])))
@@ -220,6 +230,45 @@ def test_the_map_runs_the_full_rows_only_where_the_oracle_gains(tmp_path, monkey
     assert dict(zip(gate[0], gate[2]))["map_homophones_100_oracle"] == 200
     assert dict(zip(gate[0], gate[2]))["map_homophones_400_ctc"] == 300
     assert full == ([f"map_homophones_100_{v}" for v in transfer_map.FULL_ROWS], [0, 1, 2, 3, 4], [200] * 5)
+    assert bases == [runner.BASE_DIR]  # the small student's base, once
+
+
+def test_the_map_leaves_a_cell_whose_step_count_is_not_known_and_decides_no_gate_on_missing_seeds(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "RUNS_DIR", str(tmp_path))
+    monkeypatch.setattr(transfer_map, "TUNE_MAX_STEPS", 300)
+    monkeypatch.setattr(runner, "run_base", lambda log, folder, configs: None)
+    monkeypatch.setattr(runner, "build_transfer_corpora", lambda log, base_only: None)
+    monkeypatch.setattr(transfer_map, "build_data", lambda runner, log, cells: None)
+    asked = []
+    monkeypatch.setattr(runner, "run_many", lambda rows, seeds, jobs: asked.append([row.name for row in rows]))
+    # homophones_400's validation run stopped half-way (held by another runner, or failed).
+    write_tune_state(tmp_path, "homophones_100", [(100, 0.4), (200, 0.3), (300, 0.35)])
+    write_tune_state(tmp_path, "homophones_400", [(100, 0.4), (150, 0.3)])
+    # The oracle gains on seeds 0 and 1 by far, but seed 2 is missing: the gate waits for it.
+    for seed in range(3):
+        write_run(tmp_path, "map_homophones_100_ctc", seed, run_metrics(0.30))
+    for seed in range(2):
+        write_run(tmp_path, "map_homophones_100_oracle", seed, run_metrics(0.20 + 0.001 * seed))
+    lines = []
+    transfer_map.run_map(runner, ["homophones_100", "homophones_400"], jobs=1, log=lines.append)
+    assert len(asked) == 2  # the validation runs, then the gate: no full rows
+    assert asked[1] == ["map_homophones_100_ctc", "map_homophones_100_oracle"]
+    assert any("[homophones_400] no step count yet" in line for line in lines)
+    assert any("[homophones_100] oracle against CTC alone: not all gate seeds paired yet" in line for line in lines)
+
+
+def test_runs_of_another_step_count_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "RUNS_DIR", str(tmp_path))
+    cell = transfer_map.CELLS["homophones_100"]
+    rows = transfer_map.map_rows(runner, cell, 200, transfer_map.GATE_ROWS)
+    folder = tmp_path / "map_homophones_100_oracle" / "seed1"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 150, "log_history": []}))
+    with pytest.raises(SystemExit, match="map_homophones_100_oracle/seed1"):
+        transfer_map.refuse_other_step_counts(runner, rows, transfer_map.GATE_SEEDS)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 200, "log_history": []}))
+    transfer_map.refuse_other_step_counts(runner, rows, transfer_map.GATE_SEEDS)  # the same count: kept
 
 
 def test_the_report_writes_a_line_per_run_the_map_and_its_plot(tmp_path, monkeypatch):
@@ -246,5 +295,8 @@ def test_the_report_writes_a_line_per_run_the_map_and_its_plot(tmp_path, monkeyp
     line = [row for row in text.splitlines() if row.startswith("| homophones_100:")][0]
     # Oracle: -0.05 / 0.30 = -16.7 % CER and +10 points; UOT -0.02 / 0.30 = -6.7 %, 40 % of the oracle's gain.
     assert "-16.7 %" in line and "+10.0 pt" in line and "-6.7 %" in line and "| 40% |" in line
-    assert "| homophones_400: " in text and "not run yet" in text and "prose" in text
+    line_400 = [row for row in text.splitlines() if row.startswith("| homophones_400:")][0]
+    assert "| not run yet |" in line_400 and "prose" in text
+    assert line.count("|") == line_400.count("|") == text.splitlines()[text.splitlines().index(line) - 2].count("|")
+    assert "| passes |" in line and "(nan, 0.300, 0.350)" in line  # no step-0 point in this curve
     assert (docs / "results" / "map.png").stat().st_size > 0
