@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Any other torch request pulls a multi-GB CUDA build on the machines this project is developed on.
 TORCH := torch==2.13.0
 
-.PHONY: install test test-portable test-slow demo experiments transfer-experiments bench clean
+.PHONY: install test test-portable test-slow demo experiments transfer-experiments transfer-map bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ transfer-experiments: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py base
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py run --regimes target-tune target --jobs 2
 	$(BIN)/python experiments/run_experiments.py transfer-report
+
+# The transfer map (docs/RESULTS.md, "Where the transfer pays"): the base, the homophone corpora (WordNet's example
+# sentences, hence the demo's install), each cell's step count, CTC against the oracle, the full rows where the oracle
+# gains, then the report. Resumable: what is done is read back.
+transfer-map: $(BIN)/.demo-installed
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/run_experiments.py map --jobs 2
+	$(BIN)/python experiments/run_experiments.py map-report
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

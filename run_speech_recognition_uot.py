@@ -694,10 +694,13 @@ def blank_padding_frames(logits: torch.Tensor, input_lengths: torch.Tensor, mode
     return torch.where(valid[:, :, None], logits, blank)
 
 
-def build_compute_metrics(tokenizer, metric_names, homophones: Optional[list] = None):
-    """The Trainer's `compute_metrics`: `metric_names` (wer, cer) of greedy decoding, and, with `homophones` (each
-    evaluation example's positions of its homophone words, in dataset order), the homophone accuracy and its
-    length-matched control (`modeling_uot_ctc.homophone_accuracy`)."""
+def build_compute_metrics(tokenizer, metric_names, homophones: Optional[dict] = None):
+    """The Trainer's `compute_metrics`: `metric_names` (wer, cer) of greedy decoding, and, with `homophones` (the
+    positions of the homophone words of each evaluation transcript, keyed by the normalised transcript), the
+    homophone accuracy and its length-matched control (`modeling_uot_ctc.homophone_accuracy`).
+
+    The marks are found by transcript, not by position in the dataset: transformers 5 groups the evaluation batches
+    by length too when `train_sampling_strategy` is `group_by_length`, so predictions do not come in dataset order."""
     metrics = {name: evaluate.load(METRIC_PATHS[name]) for name in metric_names}
 
     def compute_metrics(prediction):
@@ -710,8 +713,12 @@ def build_compute_metrics(tokenizer, metric_names, homophones: Optional[list] = 
             name: metric.compute(predictions=predictions, references=references) for name, metric in metrics.items()
         }
         if homophones is not None:
+            missing = [reference for reference in references if reference not in homophones]
             try:
-                scores = homophone_accuracy(references, predictions, homophones)
+                if missing:
+                    raise ValueError(f"{len(missing)} references are not among the marked transcripts, e.g. "
+                                     f"{missing[0]!r}")
+                scores = homophone_accuracy(references, predictions, [homophones[r] for r in references])
             except ValueError as problem:  # marks made under another normalisation: report the rest, not crash
                 logger.warning(f"No homophone accuracy: the evaluation data's marks do not fit ({problem}).")
             else:
@@ -723,12 +730,18 @@ def build_compute_metrics(tokenizer, metric_names, homophones: Optional[list] = 
     return compute_metrics
 
 
-def homophone_positions(processed: datasets.DatasetDict) -> Optional[list]:
-    """Each evaluation example's homophone word positions, when the evaluation data marks them (a `homophones`
-    column of JSON lists, as `python -m modeling_uot_ctc.corpus --homophones` writes), else None."""
+def homophone_positions(processed: datasets.DatasetDict) -> Optional[dict]:
+    """The homophone word positions of each evaluation transcript, `{normalised transcript: [position, ...]}`, when
+    the evaluation data marks them (a `homophones` column of JSON lists, as `python -m modeling_uot_ctc.corpus
+    --homophones` writes), else None. One sentence marked two ways (two rows of one text) is refused."""
     if "eval" not in processed or "homophones" not in processed["eval"].column_names:
         return None
-    return [json.loads(positions) if positions else [] for positions in processed["eval"]["homophones"]]
+    marks = {}
+    for text, positions in zip(processed["eval"]["normalised_text"], processed["eval"]["homophones"]):
+        positions = json.loads(positions) if positions else []
+        if marks.setdefault(text, positions) != positions:
+            raise ValueError(f"The evaluation data marks {text!r} twice, differently: {marks[text]} and {positions}.")
+    return marks
 
 
 def argmax_logits(logits, labels):

@@ -663,12 +663,31 @@ def test_compute_metrics_adds_the_homophone_accuracy_of_the_marked_words(tmp_pat
         width = max(map(len, encoded))
         return np.array([row + [-100] * (width - len(row)) for row in encoded])
 
-    compute = script.build_compute_metrics(tokenizer, ["wer"], homophones=[[1], [1]])
+    # Marked by transcript: the evaluation's batches come grouped by length, not in dataset order.
+    compute = script.build_compute_metrics(tokenizer, ["wer"], homophones={"we wait here": [1],
+                                                                            "the knight rode by": [1]})
     results = compute(EvalPrediction(predictions=ids(hypotheses), label_ids=ids(references)))
     # Worked by hand: knight misspelt, wait right; the control words (4 or 6 letters, not marked) rode and here right.
     assert results["homophone_accuracy"] == 0.5 and results["homophone_words"] == 2
     assert results["homophone_control_accuracy"] == 1.0
     assert results["wer"] == pytest.approx(1 / 7)
+    # Another order of the same pairs gives the same figures.
+    again = compute(EvalPrediction(predictions=ids(hypotheses[::-1]), label_ids=ids(references[::-1])))
+    assert (again["homophone_accuracy"], again["homophone_words"]) == (0.5, 2)
+    # A transcript the marks do not hold: no homophone figures, the rest still reported.
+    other = compute(EvalPrediction(predictions=ids(["we go"]), label_ids=ids(["we go"])))
+    assert "homophone_accuracy" not in other and other["wer"] == 0.0
+
+
+def test_one_transcript_marked_two_ways_is_refused():
+    import datasets
+
+    eval_split = datasets.Dataset.from_dict({"normalised_text": ["we wait here", "we wait here"],
+                                             "homophones": ["[1]", "[2]"]})
+    with pytest.raises(ValueError, match="twice"):
+        script.homophone_positions(datasets.DatasetDict({"eval": eval_split}))
+    eval_split = datasets.Dataset.from_dict({"normalised_text": ["we wait here", "a b"], "homophones": ["[1]", ""]})
+    assert script.homophone_positions(datasets.DatasetDict({"eval": eval_split})) == {"we wait here": [1], "a b": []}
 
 
 def test_the_evaluation_reads_the_homophone_marks_of_the_data(corpus, teacher, tmp_path):
@@ -678,12 +697,15 @@ def test_the_evaluation_reads_the_homophone_marks_of_the_data(corpus, teacher, t
     shutil.copytree(corpus, marked)
     path = marked / "test" / "metadata.csv"
     rows = list(csv.DictReader(open(path)))
-    for row, positions in zip(rows, ([0], [], [1, 2], [])):  # four test sentences, three marked words
+    # One marked word, the last of the one four-word sentence: handed to any other sentence, it would not fit.
+    for row, positions in zip(rows, ([], [], [], [3])):
         row["homophones"] = json.dumps(positions)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    results = script.main(base_arguments(str(marked), teacher, str(tmp_path / "out"), max_steps=1))
-    assert results["eval_homophone_words"] == 3
+    results = script.main(base_arguments(str(marked), teacher, str(tmp_path / "out"), max_steps=1,
+                                         train_sampling_strategy="group_by_length", per_device_eval_batch_size=1))
+    assert rows[3]["text"] == "KEEP THE LIGHT ON."
+    assert results["eval_homophone_words"] == 1
     assert 0.0 <= results["eval_homophone_accuracy"] <= 1.0
