@@ -410,7 +410,9 @@ def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS, a
 
 def run_many(rows: list[Row], seeds, jobs: int, reevaluate: bool = False) -> None:
     """Run every (row, seed) not yet done, `jobs` at a time; list the failures at the end."""
-    pending = [(row, seed) for row in rows for seed in seeds]
+    # Seed by seed, every row of a seed before the next seed: paired comparisons grow as runs finish, which is what
+    # an interrupted long batch (the map's from-scratch cell) leaves to read.
+    pending = [(row, seed) for seed in seeds for row in rows]
     todo = [(r, s) for r, s in pending if not os.path.isfile(os.path.join(run_dir(r, s), "experiment_metrics.json"))]
     if reevaluate:
         todo = pending

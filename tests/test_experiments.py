@@ -404,3 +404,12 @@ def test_lm_table_compares_every_decoding_with_ctc_greedy_paired_by_seed():
     # Both with the LM: -0.04 each against 0.45, -8.9 %.
     assert "WER -8.9%" in report.lm_contrast_line(found, "target_uot_anchor")
     assert "not run yet" in report.lm_table({}, ["target_ctc"])
+
+
+def test_runs_go_seed_by_seed_so_that_pairs_finish_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RUNS_DIR", str(tmp_path))
+    order = []
+    monkeypatch.setattr(experiments, "run_one", lambda row, seed, reevaluate=False: order.append((row.name, seed)))
+    rows = [experiments.ROWS["ctc"], experiments.ROWS["ot"]]
+    experiments.run_many(rows, [0, 1], jobs=1)
+    assert order == [("ctc", 0), ("ot", 0), ("ctc", 1), ("ot", 1)]
