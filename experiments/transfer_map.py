@@ -392,7 +392,7 @@ def describe_gains(gains: Optional[dict]) -> str:
 
 MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
 CSV_FIELDS = ("cell", "row", "seed", "steps", "cer", "wer", "homophone_accuracy", "control_accuracy",
-              "homophone_words", "precision", "recall", "dropped", "train_minutes", "train_resumed")
+              "homophone_words", "set_confusion_share", "precision", "recall", "dropped", "train_minutes", "train_resumed")
 
 
 def collect(runner) -> tuple[dict, dict, dict]:
@@ -412,7 +412,38 @@ def collect(runner) -> tuple[dict, dict, dict]:
                           f"{runner.run_dir(row, seed)}")
                     del runs[seed]
             found[name] = runs
+            if not cell.from_scratch:
+                for seed, metrics in runs.items():
+                    add_set_confusions(runner, cell, runner.run_dir(row, seed), metrics)
     return steps, rows, found
+
+
+def add_set_confusions(runner, cell: Cell, folder: str, metrics: dict) -> None:
+    """Add to a finished run's `metrics["homophones"]` how many of the test split's homophone words its transcripts
+    wrote as another member of the word's set (`homophone_accuracy`'s `set_confusions`): the errors that knowing the
+    context could fix, read from the run's `experiment_predictions.json` and the sets of HOMOPHONE_DIR."""
+    from modeling_uot_ctc.data import normalise_text
+    from modeling_uot_ctc.homophone_accuracy import homophone_accuracy
+
+    predictions_path = os.path.join(folder, "experiment_predictions.json")
+    if "homophones" not in metrics or not os.path.isfile(predictions_path):
+        return
+    with open(predictions_path, encoding="utf-8") as handle:
+        predictions = json.load(handle)
+    with open(os.path.join(HOMOPHONE_DIR, "homophones.json"), encoding="utf-8") as handle:
+        sets = json.load(handle)["sets"]
+    with open(os.path.join(cell.corpus, "test", "metadata.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    chars_to_ignore = runner._chars_to_ignore()
+    scores = homophone_accuracy(
+        [normalise_text(row["text"], chars_to_ignore, True) for row in rows],
+        [predictions[row["file_name"]] for row in rows], [json.loads(row["homophones"]) for row in rows], sets=sets,
+    )
+    if scores["homophone_words"] != metrics["homophones"]["homophone_words"]:
+        raise ValueError(f"{folder}: {scores['homophone_words']} homophone words in {cell.corpus}, "
+                         f"{metrics['homophones']['homophone_words']} when the run was evaluated.")
+    metrics["homophones"].update(set_confusions=scores["set_confusions"],
+                                 set_confusion_share=scores["set_confusion_share"])
 
 
 def run_records(steps: dict, rows: dict, found: dict) -> list[dict]:
@@ -429,6 +460,7 @@ def run_records(steps: dict, rows: dict, found: dict) -> list[dict]:
                     "homophone_accuracy": homophones.get("homophone_accuracy", math.nan),
                     "control_accuracy": homophones.get("control_accuracy", math.nan),
                     "homophone_words": homophones.get("homophone_words", math.nan),
+                    "set_confusion_share": homophones.get("set_confusion_share", math.nan),
                     "precision": alignment.get("precision", math.nan), "recall": alignment.get("recall", math.nan),
                     "dropped": alignment.get("dropped", math.nan),
                     # A resumed run's training time covers its last stretch only.
@@ -508,8 +540,9 @@ def runs_table(rows: dict, found: dict) -> str:
     """Every row of every cell: seeds, CER, WER, homophone accuracy and its control, and the plan's scores."""
     from report import mean_spread  # experiments/report.py
 
-    lines = ["| cell | row | seeds | CER | WER | homophone accuracy | control accuracy | plan precision | plan recall "
-             "| dropped frames |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | row | seeds | CER | WER | homophone accuracy | control accuracy | homophones written as another "
+             "member of their set | plan precision | plan recall | dropped frames |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, cell_rows in rows.items():
         for row in cell_rows:
             runs = list(found.get(row.name, {}).values())
@@ -520,6 +553,7 @@ def runs_table(rows: dict, found: dict) -> str:
                 f"| {cell} | {row.name.removeprefix(f'map_{cell}_')} | {len(runs)} | {mean_spread(pick('cer'), 4)} "
                 f"| {mean_spread(pick('wer'), 4)} | {mean_spread(pick('homophones', 'homophone_accuracy'))} "
                 f"| {mean_spread(pick('homophones', 'control_accuracy'))} "
+                f"| {mean_spread(pick('homophones', 'set_confusion_share'))} "
                 f"| {mean_spread(pick('alignment', 'precision'))} | {mean_spread(pick('alignment', 'recall'))} "
                 f"| {mean_spread(pick('alignment', 'dropped'))} |"
             )
@@ -549,8 +583,9 @@ def plot_map(steps: dict, found: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in FULL_ROWS if v != "ctc"]
     cells = [cell for cell in CELLS.values() if steps.get(cell.name)]
+    # Only the rows that ran somewhere, centred on each cell's line.
+    variants = [v for v in FULL_ROWS if v != "ctc" and any(gains_against_ctc(found, c, v) for c in cells)]
     figure, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.9 * max(1, len(cells))), sharey=True)
     for offset, variant in enumerate(variants):
         for index, cell in enumerate(cells):

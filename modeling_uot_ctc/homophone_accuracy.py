@@ -25,6 +25,11 @@ from long ones, so matching lengths keeps word length out of the comparison. Bec
 over the call, scoring a corpus in one call and scoring it utterance by utterance can pick different control words.
 The caller can pass the control positions explicitly instead.
 
+Confusions within a set. Given the homophone sets, a wrong homophone word is also classed by what replaced it: another
+member of its own set (``write`` for ``right``: the sound recognised, the spelling missed, the one error that only
+context can fix) or anything else (a misspelling, another word, nothing). The share of such confusions is the most
+that perfect knowledge of context could add to the homophone accuracy of the same hypotheses.
+
 When a call holds no homophone words the accuracy is NaN and the count 0 (a share of nothing is undefined, and NaN
 keeps it from being averaged in silently); the same holds for the control.
 """
@@ -70,12 +75,23 @@ def _right_reference_positions(alignment: list[jiwer.AlignmentChunk]) -> set[int
     return right
 
 
+def _substitutions(alignment: list[jiwer.AlignmentChunk], hypothesis_words: list[str]) -> dict[int, str]:
+    """Reference word position -> the hypothesis word substituted for it (jiwer's substitutions are one to one)."""
+    replaced = {}
+    for chunk in alignment:
+        if chunk.type == "substitute":
+            for offset, position in enumerate(range(chunk.ref_start_idx, chunk.ref_end_idx)):
+                replaced[position] = hypothesis_words[chunk.hyp_start_idx + offset]
+    return replaced
+
+
 def _share(right: int, total: int) -> float:
     return right / total if total else math.nan
 
 
 def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], homophones: Sequence[Iterable[int]],
-                       control: Sequence[Iterable[int]] | None = None) -> dict[str, float | int]:
+                       control: Sequence[Iterable[int]] | None = None,
+                       sets: Sequence[Sequence[str]] | None = None) -> dict[str, float | int]:
     """Share of the references' homophone words that the predictions spell right, beside a control share.
 
     See the module docstring for the definition (alignment, what counts as right, the control words).
@@ -89,11 +105,15 @@ def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], ho
         control: per utterance, the positions of the control words, or None for the default control: the
             non-homophone reference words whose character length is one of the homophone words' lengths in this call.
             Explicit control positions must not overlap the homophone positions of the same utterance.
+        sets: the homophone sets (each a sequence of words spoken alike), to count the confusions within a set; a
+            marked word in no set is never counted as confused.
 
     Returns:
         A dict with ``homophone_accuracy`` (right / total, NaN when there are no homophone words),
         ``homophone_right`` and ``homophone_words`` (the counts), and ``control_accuracy``, ``control_right``,
-        ``control_words`` likewise for the control words. Counts are pooled over all utterances.
+        ``control_words`` likewise for the control words. Counts are pooled over all utterances. With ``sets``, also
+        ``set_confusions`` (marked words replaced by another member of their set) and ``set_confusion_share``
+        (that count over ``homophone_words``).
 
     Raises:
         ValueError: when the lists differ in length, a position is not an integer or is out of range for its
@@ -119,6 +139,7 @@ def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], ho
     # jiwer refuses empty references; they hold no words to score, so leave them out of the alignment
     scored_utterances = [index for index, count in enumerate(word_counts) if count > 0]
     right_positions_per_utterance: dict[int, set[int]] = {}
+    substituted_per_utterance: dict[int, dict[int, str]] = {}
     if scored_utterances:
         word_output = jiwer.process_words([references[index] for index in scored_utterances],
                                           [predictions[index] for index in scored_utterances])
@@ -129,6 +150,8 @@ def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], ho
                                  "jiwer splits it into different words than str.split(); collapse whitespace first")
             right_positions_per_utterance[utterance_index] = _right_reference_positions(
                 word_output.alignments[aligned_index])
+            substituted_per_utterance[utterance_index] = _substitutions(
+                word_output.alignments[aligned_index], word_output.hypotheses[aligned_index])
 
     if explicit_control_positions is None:
         homophone_lengths = {len(reference_words[index][position])
@@ -139,15 +162,20 @@ def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], ho
     else:
         control_positions = explicit_control_positions
 
-    homophone_right = homophone_total = control_right = control_total = 0
+    set_of_word = {word: index for index, members in enumerate(sets or ()) for word in members}
+    homophone_right = homophone_total = control_right = control_total = confused = 0
     for utterance_index in scored_utterances:
         right_positions = right_positions_per_utterance[utterance_index]
         homophone_total += len(homophone_positions[utterance_index])
         homophone_right += len(homophone_positions[utterance_index] & right_positions)
         control_total += len(control_positions[utterance_index])
         control_right += len(control_positions[utterance_index] & right_positions)
+        words, replaced = reference_words[utterance_index], substituted_per_utterance[utterance_index]
+        confused += sum(1 for position in homophone_positions[utterance_index] if position in replaced
+                        and words[position] in set_of_word
+                        and set_of_word.get(replaced[position]) == set_of_word[words[position]])
 
-    return {
+    result = {
         "homophone_accuracy": _share(homophone_right, homophone_total),
         "homophone_right": homophone_right,
         "homophone_words": homophone_total,
@@ -155,3 +183,6 @@ def homophone_accuracy(references: Sequence[str], predictions: Sequence[str], ho
         "control_right": control_right,
         "control_words": control_total,
     }
+    if sets is not None:
+        result.update(set_confusions=confused, set_confusion_share=_share(confused, homophone_total))
+    return result

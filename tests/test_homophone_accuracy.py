@@ -182,3 +182,17 @@ def test_every_word_marked_agrees_with_jiwer_counts():
     assert result["homophone_accuracy"] == pytest.approx(0.6)
     # No word is left outside the homophones, so the default control is empty.
     assert result["control_words"] == 0
+
+
+def test_confusions_within_a_set_are_told_from_other_errors():
+    sets = [("right", "write", "rite"), ("sea", "see")]
+    references = ["turn right at the sea", "i see the rite", "write to me"]
+    # right -> write: the set's other member (context could fix it); sea -> seal: another word; see -> see: right;
+    # rite -> deleted; write -> rite: the set's other member again, inside a two-word substitution.
+    predictions = ["turn write at the seal", "i see the", "rite two me"]
+    scores = homophone_accuracy(references, predictions, [[1, 4], [1, 3], [0]], sets=sets)
+    assert (scores["homophone_right"], scores["homophone_words"]) == (1, 5)
+    assert scores["set_confusions"] == 2 and scores["set_confusion_share"] == pytest.approx(2 / 5)
+    # Without the sets, no confusion figures; a marked word in no set never counts as confused.
+    assert "set_confusions" not in homophone_accuracy(references, predictions, [[1, 4], [1, 3], [0]])
+    assert homophone_accuracy(["the cat sat"], ["the bat sat"], [[1]], sets=sets)["set_confusions"] == 0

@@ -300,3 +300,26 @@ def test_the_report_writes_a_line_per_run_the_map_and_its_plot(tmp_path, monkeyp
     assert line.count("|") == line_400.count("|") == text.splitlines()[text.splitlines().index(line) - 2].count("|")
     assert "| passes |" in line and "(nan, 0.300, 0.350)" in line  # no step-0 point in this curve
     assert (docs / "results" / "map.png").stat().st_size > 0
+
+
+def test_set_confusions_count_the_homophones_written_as_another_member_of_their_set(homophone_data, tmp_path,
+                                                                                    monkeypatch):
+    cell = transfer_map.Cell("small", "four sentences", 4)
+    (tmp_path / "corpus" / "test" / "metadata.csv").write_text(
+        'file_name,text,homophones\ntest_00.wav,"Turn right, here.",[1]\ntest_01.wav,we see the sea,"[1, 3]"\n')
+    description = json.loads((tmp_path / "homophones" / "homophones.json").read_text())
+    description["sets"] = [["right", "write", "rite"], ["sea", "see"]]
+    (tmp_path / "homophones" / "homophones.json").write_text(json.dumps(description))
+    transfer_map.write_cell_corpora(runner, cell)
+    run = tmp_path / "run"
+    run.mkdir()
+    # right -> write (its set), see -> sea (its set), sea -> seat (another word): two of three.
+    (run / "experiment_predictions.json").write_text(json.dumps(
+        {"../../../corpus/test/test_00.wav": "turn write here", "../../../corpus/test/test_01.wav": "we sea the seat"}))
+    metrics = {"homophones": {"homophone_words": 3}}
+    transfer_map.add_set_confusions(runner, cell, str(run), metrics)
+    assert metrics["homophones"]["set_confusions"] == 2
+    assert metrics["homophones"]["set_confusion_share"] == pytest.approx(2 / 3)
+    metrics = {"homophones": {"homophone_words": 4}}  # evaluated on other marks: refused
+    with pytest.raises(ValueError, match="homophone words"):
+        transfer_map.add_set_confusions(runner, cell, str(run), metrics)
