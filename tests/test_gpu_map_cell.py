@@ -73,7 +73,7 @@ def test_the_gpu_script_runs_every_stage_on_the_cpu_and_writes_its_figures(tmp_p
         assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == steps["steps"]
         metrics = json.loads((folder / "experiment_metrics.json").read_text())
         assert (run["cer"], run["homophone_accuracy"]) == (metrics["cer"], metrics["homophones"]["homophone_accuracy"])
-        assert metrics["homophones"]["homophone_words"] == 2  # the two test sentences' marked first words
+        assert metrics["homophones"]["homophone_words"] == 4  # the four test sentences, first word marked
     oracle_config = json.loads((tmp_path / "runs" / "map_homophones_100_large_oracle" / "seed0" / "config.json")
                                .read_text())
     assert oracle_config["aligner"] == "oracle" and oracle_config["teacher_name_or_path"] == teacher
