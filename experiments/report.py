@@ -198,6 +198,17 @@ def plot_degree_of_matching(found, row_names, path) -> None:
     plt.close(figure)
 
 
+def write_between_markers(path: str, start: str, end: str, generated: str) -> None:
+    """Replace what lies between the markers `start` and `end` in the Markdown file `path` (both markers included)
+    by `generated`, which holds them too; a file without the markers gets them at its end, a missing file is made."""
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: generated, text, flags=re.S)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def write_report(found, rows, output: str) -> None:
     """Write the plots into `<output>/results/` and the tables into `<output>/RESULTS.md` between the markers."""
     os.makedirs(os.path.join(output, "results"), exist_ok=True)
@@ -214,14 +225,7 @@ def write_report(found, rows, output: str) -> None:
         + f"\n{TABLE_END}"
     )
     path = os.path.join(output, "RESULTS.md")
-    text = (
-        open(path, encoding="utf-8").read() if os.path.isfile(path) else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
-    )
-    if TABLE_START not in text:
-        text += f"\n{TABLE_START}\n{TABLE_END}\n"
-    text = re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: generated, text, flags=re.S)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_between_markers(path, TABLE_START, TABLE_END, generated)
     print(f"wrote {path} and {output}/results/*.png ({sum(len(v) for v in found.values())} runs)")
 
 
@@ -360,12 +364,7 @@ def write_lm_report(found_lm, rows, output: str) -> None:
         + "\n" + lm_contrast_line(found_lm, rows[-1], rows[0]) + f"{LM_END}"
     )
     path = os.path.join(output, "RESULTS.md")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
-    if LM_START not in text:
-        text += f"\n{LM_START}\n{LM_END}\n"
-    text = re.sub(re.escape(LM_START) + ".*?" + re.escape(LM_END), lambda _: generated, text, flags=re.S)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_between_markers(path, LM_START, LM_END, generated)
     print(f"wrote the n-gram table of {path} ({sum(len(v) for v in found_lm.values())} runs)")
 
 
@@ -390,10 +389,5 @@ def write_transfer_report(found, rows, base_metrics, output: str) -> None:
         + f"\n{TRANSFER_END}"
     )
     path = os.path.join(output, "RESULTS.md")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
-    if TRANSFER_START not in text:
-        text += f"\n{TRANSFER_START}\n{TRANSFER_END}\n"
-    text = re.sub(re.escape(TRANSFER_START) + ".*?" + re.escape(TRANSFER_END), lambda _: generated, text, flags=re.S)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_between_markers(path, TRANSFER_START, TRANSFER_END, generated)
     print(f"wrote {path} and {output}/results/transfer_degree_of_matching.png")

@@ -18,9 +18,10 @@ runner (`run_one`: a finished run is read back, an interrupted one resumes from 
    (on the same data where the cell trains on at most 300 sentences; the 400-sentence cell's count was found on 300).
 2. **The gate.** CTC alone against the oracle (each word piece pooled from its word's true frames), `GATE_SEEDS`,
    paired by seed, on the cell's test split.
-3. **The full rows**, only where the oracle gains on every gate seed (`gains_against_ctc`: at least `GATE_RELATIVE_CER` relative CER or
-   `GATE_HOMOPHONE_POINTS` of homophone accuracy, 95 % interval excluding zero): CTC, the oracle, anchored UOT,
-   anchored balanced OT and temporal-order OT (balanced, cosine cost, temporal prior), `FULL_SEEDS`.
+3. **The full rows**, only where the oracle gains on every gate seed (`gains_against_ctc`: at least
+   `GATE_RELATIVE_CER` relative CER or `GATE_HOMOPHONE_POINTS` of homophone accuracy, 95 % interval excluding
+   zero): CTC, the oracle, anchored UOT, anchored balanced OT and temporal-order OT (balanced, cosine cost, temporal
+   prior), `FULL_SEEDS`.
 
 The homophone cells fine-tune the stage-1 base (`run_experiments.py base`) on sentences whose homophones espeak-ng
 speaks alike in every target voice (`python -m modeling_uot_ctc.homophones`), 100 or 400 of them, unpadded: the
@@ -384,7 +385,8 @@ def describe_gains(gains: Optional[dict]) -> str:
             f"{gains['relative_cer_ci'][1]:+.1%})")
     if "homophone_points" in gains:
         low, high = gains["homophone_points_ci"]
-        text += f", homophone accuracy {100 * gains['homophone_points']:+.1f} points ({100 * low:+.1f} to {100 * high:+.1f})"
+        text += (f", homophone accuracy {100 * gains['homophone_points']:+.1f} points "
+                 f"({100 * low:+.1f} to {100 * high:+.1f})")
     return text + (": passes the gate" if gains["passes"] else ": below the gate")
 
 
@@ -392,7 +394,8 @@ def describe_gains(gains: Optional[dict]) -> str:
 
 MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
 CSV_FIELDS = ("cell", "row", "seed", "steps", "cer", "wer", "homophone_accuracy", "control_accuracy",
-              "homophone_words", "set_confusion_share", "precision", "recall", "dropped", "train_minutes", "train_resumed")
+              "homophone_words", "set_confusion_share", "precision", "recall", "dropped", "train_minutes",
+              "train_resumed")
 
 
 def collect(runner) -> tuple[dict, dict, dict]:
@@ -540,8 +543,8 @@ def runs_table(rows: dict, found: dict) -> str:
     """Every row of every cell: seeds, CER, WER, homophone accuracy and its control, and the plan's scores."""
     from report import mean_spread  # experiments/report.py
 
-    lines = ["| cell | row | seeds | CER | WER | homophone accuracy | control accuracy | homophones written as another "
-             "member of their set | plan precision | plan recall | dropped frames |",
+    lines = ["| cell | row | seeds | CER | WER | homophone accuracy | control accuracy | homophones written as "
+             "another member of their set | plan precision | plan recall | dropped frames |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, cell_rows in rows.items():
         for row in cell_rows:
@@ -619,7 +622,7 @@ def write_map_report(runner, output: str) -> None:
         runner: the experiments' runner module.
         output: the docs folder.
     """
-    import re
+    from report import write_between_markers  # experiments/report.py
 
     steps, rows, found = collect(runner)
     results = os.path.join(output, "results")
@@ -642,10 +645,5 @@ def write_map_report(runner, output: str) -> None:
         + "\nThe step counts, CTC alone on each cell's validation split:\n\n" + curves + f"{MAP_END}"
     )
     path = os.path.join(output, "RESULTS.md")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
-    if MAP_START not in text:
-        text += f"\n{MAP_START}\n{MAP_END}\n"
-    text = re.sub(re.escape(MAP_START) + ".*?" + re.escape(MAP_END), lambda _: generated, text, flags=re.S)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_between_markers(path, MAP_START, MAP_END, generated)
     print(f"wrote the map into {path}, {results}/map_runs.csv ({len(records)} runs) and {results}/map.png")

@@ -3,7 +3,7 @@
 fine-tuned on the homophone target, CTC alone against the oracle, with a stage-1 base of its own.
 
     python scripts/gpu_map_cell.py --output figures.json                     # a GPU machine, about ten minutes
-    python scripts/gpu_map_cell.py --device cpu --base-steps 20 ...           # the CPU check (tests/test_gpu_map_cell.py)
+    python scripts/gpu_map_cell.py --device cpu --base-steps 20 ...   # the CPU check (tests/test_gpu_map_cell.py)
 
 On two CPU cores the larger student's base alone takes hours; on one GPU the whole cell is meant to fit ten minutes.
 The stages are the map's own (experiments/transfer_map.py), through the experiments' runner, in its runs folder:
@@ -47,12 +47,14 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="no stage starts after this many seconds (default: %(default)s, inside ten minutes); "
                         "checked when a stage starts, so keep a stage's length in hand")
-    parser.add_argument("--runs-dir", default="outputs/gpu_map", help="the runner's runs folder (default: %(default)s)")
+    parser.add_argument("--runs-dir", default="outputs/gpu_map",
+                        help="the runner's runs folder (default: %(default)s)")
     parser.add_argument("--teacher", help="the teacher's folder (default: the training script's default)")
     parser.add_argument("--student-config", help="the student's model config file (default: the cell's)")
     parser.add_argument("--base-dir", help="the student's base folder (default: the cell's)")
     parser.add_argument("--base-corpus", help="the stage-1 corpus (default: %s)" % runner.BASE_CORPUS)
-    parser.add_argument("--homophone-dir", help="the homophone split's folder (default: %s)" % transfer_map.HOMOPHONE_DIR)
+    parser.add_argument("--homophone-dir",
+                        help="the homophone split's folder (default: %s)" % transfer_map.HOMOPHONE_DIR)
     parser.add_argument("--homophone-corpus",
                         help="the spoken homophone corpus (default: %s)" % transfer_map.HOMOPHONE_CORPUS)
     parser.add_argument("--map-data", help="where the cell's manifests go (default: %s)" % transfer_map.MAP_DATA)

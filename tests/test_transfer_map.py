@@ -314,8 +314,9 @@ def test_set_confusions_count_the_homophones_written_as_another_member_of_their_
     run = tmp_path / "run"
     run.mkdir()
     # right -> write (its set), see -> sea (its set), sea -> seat (another word): two of three.
+    test_files = "../../../corpus/test/"
     (run / "experiment_predictions.json").write_text(json.dumps(
-        {"../../../corpus/test/test_00.wav": "turn write here", "../../../corpus/test/test_01.wav": "we sea the seat"}))
+        {test_files + "test_00.wav": "turn write here", test_files + "test_01.wav": "we sea the seat"}))
     metrics = {"homophones": {"homophone_words": 3}}
     transfer_map.add_set_confusions(runner, cell, str(run), metrics)
     assert metrics["homophones"]["set_confusions"] == 2
