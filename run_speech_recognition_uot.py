@@ -713,13 +713,15 @@ def build_compute_metrics(tokenizer, metric_names, homophones: Optional[dict] = 
             name: metric.compute(predictions=predictions, references=references) for name, metric in metrics.items()
         }
         if homophones is not None:
+            # Marks made under another normalisation (transcripts or word positions that do not fit): report the
+            # rest, not crash.
             missing = [reference for reference in references if reference not in homophones]
             try:
                 if missing:
                     raise ValueError(f"{len(missing)} references are not among the marked transcripts, e.g. "
                                      f"{missing[0]!r}")
                 scores = homophone_accuracy(references, predictions, [homophones[r] for r in references])
-            except ValueError as problem:  # marks made under another normalisation: report the rest, not crash
+            except ValueError as problem:
                 logger.warning(f"No homophone accuracy: the evaluation data's marks do not fit ({problem}).")
             else:
                 results.update(homophone_accuracy=scores["homophone_accuracy"],

@@ -368,10 +368,10 @@ def write_manifest(rows: list[dict], source_split: str, output_split: str) -> No
         writer.writerows({**row, "file_name": os.path.join(relative, row["file_name"])} for row in chosen)
 
 
-def base_command(configs: tuple = BASE_CONFIGS, flags: Optional[dict] = None) -> str:
-    """The shell command that trains a stage-1 base model (resumes from its last checkpoint)."""
-    extra = "".join(f" --{key} {value}" for key, value in (flags or {}).items())
-    return f"OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py {' '.join(configs)}{extra}"
+def base_argv(folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS) -> list[str]:
+    """The training script's arguments for a stage-1 base model in `folder` (resumes from its last checkpoint)."""
+    flags = {"output_dir": folder, "plain_model_dir": os.path.join(folder, "plain"), **EXTRA_TRAIN_FLAGS}
+    return [*configs, *[part for key, value in flags.items() for part in (f"--{key}", str(value))]]
 
 
 def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS, all_corpora: bool = True) -> dict:
@@ -393,11 +393,10 @@ def run_base(log=print, folder: str = BASE_DIR, configs: tuple = BASE_CONFIGS, a
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(BASE_THREADS), "MKL_NUM_THREADS": str(BASE_THREADS),
            "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
-    flags = {} if folder == BASE_DIR else {"output_dir": folder, "plain_model_dir": os.path.join(folder, "plain")}
-    flags.update(EXTRA_TRAIN_FLAGS)
     if not os.path.isfile(os.path.join(folder, "plain", "model.safetensors")):
-        log(f"[base {folder}] training: {base_command(configs, flags)}")
-        argv = [*configs, *[part for key, value in flags.items() for part in (f"--{key}", str(value))]]
+        argv = base_argv(folder, configs)
+        log(f"[base {folder}] training: OMP_NUM_THREADS={BASE_THREADS} python run_speech_recognition_uot.py "
+            + " ".join(map(shlex.quote, argv)))
         with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as handle:
             subprocess.run([sys.executable, "run_speech_recognition_uot.py", *argv], cwd=ROOT, env=env,
                            stdout=handle, stderr=subprocess.STDOUT, check=True)

@@ -358,20 +358,21 @@ def run_map(runner, cell_names=None, jobs: int = 1, log=print) -> None:
         runner.run_many(full, list(FULL_SEEDS), jobs)
 
 
-def trained_steps(runner, row, seed: int) -> Optional[int]:
-    """The optimiser steps a run folder says it took (its `trainer_state.json`), None where it has none."""
+def trained_other_steps(runner, row, seed: int) -> bool:
+    """Whether the run folder of `row` and `seed` finished a training of another step count than the row asks for
+    (its `trainer_state.json`; a folder without one has finished nothing)."""
     path = os.path.join(runner.run_dir(row, seed), "trainer_state.json")
     if not os.path.isfile(path):
-        return None
+        return False
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["global_step"]
+        return json.load(handle)["global_step"] != row.flags["max_steps"]
 
 
 def refuse_other_step_counts(runner, rows, seeds) -> None:
     """Stop where a finished run of `rows` trained for another step count than its row's (the step count was chosen
     again, after a change): the runner would read it back as done."""
     stale = [runner.run_dir(row, seed) for row in rows for seed in seeds
-             if trained_steps(runner, row, seed) not in (None, row.flags["max_steps"])]
+             if trained_other_steps(runner, row, seed)]
     if stale:
         raise SystemExit("These runs trained for another step count than their cell's now; move them away and run "
                          "again:\n  " + "\n  ".join(stale))
@@ -410,7 +411,7 @@ def collect(runner) -> tuple[dict, dict, dict]:
         for name, runs in runner.load_run_metrics(rows[cell.name], FULL_SEEDS).items():
             row = next(r for r in rows[cell.name] if r.name == name)
             for seed in list(runs):
-                if trained_steps(runner, row, seed) not in (None, row.flags["max_steps"]):
+                if trained_other_steps(runner, row, seed):
                     print(f"left out, trained for another step count than {row.flags['max_steps']}: "
                           f"{runner.run_dir(row, seed)}")
                     del runs[seed]
