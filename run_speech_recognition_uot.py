@@ -68,9 +68,10 @@ from modeling_uot_ctc.language_model import (
 )
 from modeling_uot_ctc.language_model import decode as decode_with_language_model
 from modeling_uot_ctc.metrics import METRIC_PATHS
-from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher
+from modeling_uot_ctc.teacher import DEFAULT_TEACHER_NAME, TeacherStateCache, TextTeacher, teacher_source
 from modeling_uot_ctc.transcribe import greedy
 from modeling_uot_ctc.transcribe import log_probs as transcription_log_probs
+from modeling_uot_ctc.word_pieces import WordPieceUnits, anchor_units, is_word_piece_vocabulary, word_piece_vocabulary
 
 logger = hf_logging.get_logger(__name__)
 
@@ -157,6 +158,17 @@ class DataTrainingArguments:
     unk_token: str = field(default="[UNK]", metadata={"help": "Unknown token of a built vocabulary."})
     pad_token: str = field(default="[PAD]", metadata={"help": "Padding token, also the CTC blank."})
     word_delimiter_token: str = field(default="|", metadata={"help": "Stands for the space between words."})
+    output_units: str = field(
+        default="characters",
+        metadata={"help": "Units of a built vocabulary: 'characters', or 'word_pieces': the teacher's WordPiece "
+                  "tokens (the most frequent of the training text, and every character), so that the CTC head "
+                  "writes the units the teacher reads (modeling_uot_ctc/word_pieces.py). The export's tokenizer is "
+                  "the stock Wav2Vec2CTCTokenizer either way."},
+    )
+    word_piece_vocab_size: int = field(
+        default=1000,
+        metadata={"help": "Entries of a word-piece vocabulary, special tokens and single characters included."},
+    )
     invalid_data: str = field(
         default="skip",
         metadata={"help": "What to do with an unreadable or truncated audio file, an empty transcript, characters "
@@ -405,22 +417,38 @@ def load_audiofolder_split(data_dir: str, split: str, data_args: DataTrainingArg
     raise FileNotFoundError(f"No metadata.csv or metadata.jsonl in {folder} (audiofolder layout: one folder per split).")
 
 
-def build_tokenizer(raw: datasets.DatasetDict, model_args, data_args, output_dir: str) -> Wav2Vec2CTCTokenizer:
-    """An existing CTC tokenizer, or a character vocabulary of the normalised training and evaluation text."""
+def build_tokenizer(
+    raw: datasets.DatasetDict, model_args, data_args, transfer_args, output_dir: str
+) -> Wav2Vec2CTCTokenizer:
+    """An existing CTC tokenizer, or a vocabulary of the normalised training and evaluation text: its characters,
+    or (`--output_units word_pieces`) the teacher's word pieces of the training text and those characters."""
     if model_args.tokenizer_name_or_path:
         return AutoTokenizer.from_pretrained(
             model_args.tokenizer_name_or_path, cache_dir=model_args.cache_dir, token=data_args.token,
             trust_remote_code=data_args.trust_remote_code,
         )
-    characters = set()
+    special = dict(pad_token=data_args.pad_token, unk_token=data_args.unk_token,
+                   word_delimiter_token=data_args.word_delimiter_token)
     # Not from the language model's tuning split, which the model never learns from.
-    for dataset in (raw[split] for split in ("train", "eval") if split in raw):
-        for text in dataset["normalised_text"]:
-            characters.update(text)
-    characters.discard(" ")
-    vocab = {data_args.pad_token: 0, data_args.unk_token: 1, data_args.word_delimiter_token: 2}
-    for character in sorted(characters):
-        vocab.setdefault(character, len(vocab))
+    texts = [text for split in ("train", "eval") if split in raw for text in raw[split]["normalised_text"]]
+    if data_args.output_units == "word_pieces":
+        pieces = AutoTokenizer.from_pretrained(
+            teacher_source(transfer_args.teacher_name_or_path, transfer_args.teacher_revision),
+            revision=transfer_args.teacher_revision, cache_dir=model_args.cache_dir, token=data_args.token,
+            trust_remote_code=data_args.trust_remote_code,
+        )
+        # Pieces of the training text only (the evaluation text's characters still join, so that it stays
+        # spellable): which words are units must not depend on the test sentences.
+        vocab = word_piece_vocabulary(raw["train"]["normalised_text"] if "train" in raw else texts, pieces,
+                                      data_args.word_piece_vocab_size, **special)
+        for character in sorted({c for text in texts for c in text if c != " "}):
+            vocab.setdefault(character, len(vocab))
+    elif data_args.output_units == "characters":
+        vocab = {data_args.pad_token: 0, data_args.unk_token: 1, data_args.word_delimiter_token: 2}
+        for character in sorted({c for text in texts for c in text if c != " "}):
+            vocab.setdefault(character, len(vocab))
+    else:
+        raise ValueError(f"--output_units must be 'characters' or 'word_pieces', got {data_args.output_units!r}.")
     os.makedirs(output_dir, exist_ok=True)
     vocab_file = os.path.join(output_dir, "vocab.json")
     with open(vocab_file, "w", encoding="utf-8") as handle:
@@ -439,6 +467,12 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
     """Decode audio, encode labels and check every example; invalid ones stop the run or are skipped and counted."""
     known = set(tokenizer.get_vocab())
     delimiter = data_args.word_delimiter_token
+    # The stock tokenizer splits text on multi-character entries and strips the spaces around them, losing the
+    # word delimiters CTC has to write; a word-piece vocabulary is encoded word by word instead.
+    if is_word_piece_vocabulary(tokenizer):
+        encode = WordPieceUnits.from_tokenizer(tokenizer).encode
+    else:
+        encode = lambda text: tokenizer(text).input_ids  # noqa: E731
 
     # Word timings, where the corpus has them (the project's corpora do): the oracle aligner and the padding
     # diagnostic read them.
@@ -454,7 +488,7 @@ def preprocess(raw, tokenizer, feature_extractor, frames_for, data_args, trainin
             if outside:
                 raise InvalidExample(f"{where}: characters outside the vocabulary: {''.join(outside)!r}.")
             samples = decode_audio(row[data_args.audio_column_name], data_args.resample, where)
-            labels = tokenizer(text).input_ids
+            labels = encode(text)
             frames = frames_for(len(samples))
             # CTC needs a frame per label, and a blank between two equal neighbours.
             needed = len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
@@ -520,6 +554,11 @@ class DataCollatorCTCWithTeacher:
     # timings (a `words` column) get each teacher token's word span in frames, `token_frame_spans`.
     frame_timing: Optional[tuple] = None
 
+    def __post_init__(self):
+        # The anchor reads, for each teacher piece, the posteriors of the units that spell it: its characters, or
+        # with a word-piece vocabulary the piece itself where it is a unit.
+        self._units_of = anchor_units(self.processor.tokenizer)
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         audio = [{"input_values": f["input_values"]} for f in features]
         labels = [{"input_ids": f["labels"]} for f in features]
@@ -534,7 +573,7 @@ class DataCollatorCTCWithTeacher:
             batch["teacher_attention_mask"] = teacher.attention_mask
             n_tokens = teacher.hidden_states.shape[1]
             vocab = self.processor.tokenizer.get_vocab()
-            batch["teacher_token_characters"] = token_characters(teacher.tokens, vocab, n_tokens)
+            batch["teacher_token_characters"] = token_characters(teacher.tokens, vocab, n_tokens, self._units_of)
             if self.frame_timing is not None and all("words" in f for f in features):
                 texts = [f["normalised_text"] for f in features]
                 words = [json.loads(f["words"]) if f["words"] else None for f in features]
@@ -913,12 +952,15 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
     # 2. Vocabulary, feature extractor and processor.
     with training_args.main_process_first(desc="vocabulary"):
-        tokenizer = build_tokenizer(raw, model_args, data_args, training_args.output_dir)
+        tokenizer = build_tokenizer(raw, model_args, data_args, transfer_args, training_args.output_dir)
     feature_extractor = load_feature_extractor(model_args, data_args)
     processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     # The n-gram language model, saved with the model by the first process, which alone decodes with it (built
     # first: a missing estimator stops the run here).
     decoder = None
+    if decoding_args.lm_text and is_word_piece_vocabulary(tokenizer):
+        raise ValueError("--lm_text decodes character vocabularies only: the n-gram decoder reads each unit as one "
+                         "character; leave it out with --output_units word_pieces.")
     if decoding_args.lm_text and training_args.process_index == 0:
         decoder = build_language_model(
             language_model_text(decoding_args, raw, data_args), training_args.output_dir, tokenizer,

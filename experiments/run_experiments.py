@@ -486,11 +486,13 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
     from modeling_uot_ctc.transfer import alignment_cost, centred_states
     from modeling_uot_ctc.metrics import METRIC_PATHS
     from modeling_uot_ctc.teacher import TeacherStateCache, TextTeacher
+    from modeling_uot_ctc.word_pieces import anchor_units
 
     # Transcripts are normalised as the experiments' training normalised them.
     with open(os.path.join(ROOT, BASE_CONFIG), encoding="utf-8") as handle:
         chars_to_ignore = yaml.safe_load(handle).get("chars_to_ignore")
     processor = Wav2Vec2Processor.from_pretrained(folder)
+    vocab, units_of = processor.tokenizer.get_vocab(), anchor_units(processor.tokenizer)
     model = Wav2Vec2ForCTCWithUOT.from_pretrained(folder).eval()
     config = model.config
     hop, first_centre = frame_timing(config)
@@ -529,7 +531,7 @@ def evaluate_run(folder: str, data_dir: str, batch_size: int = 1, teacher_cache_
             words = [json.loads(r["words"]) if r.get("words") else None for r in chunk]
             teacher_inputs = dict(
                 teacher_hidden_states=states.hidden_states, teacher_attention_mask=states.attention_mask,
-                teacher_token_characters=token_characters(states.tokens, processor.tokenizer.get_vocab(), n_tokens),
+                teacher_token_characters=token_characters(states.tokens, vocab, n_tokens, units_of),
                 token_frame_spans=token_frame_spans(texts, states.tokens, words, hop, first_centre, n_tokens),
             )
         with torch.no_grad():

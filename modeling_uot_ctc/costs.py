@@ -118,8 +118,13 @@ def character_anchor_cost(
     with _autocast_disabled(log_probs.device):
         probs = log_probs.float().exp()
         characters = token_characters.to(device=probs.device, dtype=torch.float32)
-        # (B, T, N, V) for a max over each piece's characters: V is a character vocabulary (tens of entries).
-        affinity = (probs[:, :, None, :] * characters[:, None, :, :]).amax(-1)
+        # A (B, T, N, U) product for the max over each piece's units, U the units any piece of the batch uses: tens
+        # for a character vocabulary, and a word-piece vocabulary's thousand entries would not fit otherwise.
+        used = characters.amax((0, 1)).nonzero().squeeze(-1)
+        if used.numel():
+            affinity = (probs[..., used][:, :, None, :] * characters[..., used][:, None, :, :]).amax(-1)
+        else:  # no piece has a unit: every cell costs 1
+            affinity = probs.new_zeros(probs.shape[0], probs.shape[1], characters.shape[1])
         cost = 1.0 - affinity
         # `where`, not a product: padded frames' posteriors may hold anything, NaN included.
         if frame_mask is not None:

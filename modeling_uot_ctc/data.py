@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -106,15 +106,26 @@ def piece_word_indices(text: str, pieces: list[str]) -> Optional[list[int]]:
     return result
 
 
-def token_characters(pieces: list[list[str]], vocab: dict, n_tokens: int) -> torch.Tensor:
-    """`(B, n_tokens, V)` float tensor, 1 where CTC vocabulary id `c` (of `vocab`, character to id) spells part of
-    piece `j` of example `b`: the anchor's input (`Wav2Vec2UOTConfig.alignment_anchor_weight`). Characters outside
-    the vocabulary are left out; padding rows are 0."""
+def token_characters(
+    pieces: list[list[str]], vocab: dict, n_tokens: int, units_of: Optional[Callable[[str], list[int]]] = None
+) -> torch.Tensor:
+    """`(B, n_tokens, V)` float tensor, 1 where CTC vocabulary id `c` (of `vocab`, unit to id) spells part of
+    piece `j` of example `b`: the anchor's input (`Wav2Vec2UOTConfig.alignment_anchor_weight`). Padding rows are 0.
+
+    Args:
+        pieces: each transcript's teacher word pieces.
+        vocab: the CTC vocabulary.
+        n_tokens: the padded number of tokens.
+        units_of: the ids spelling one piece; default its characters' ids (characters outside the vocabulary are
+            left out). A word-piece vocabulary passes `WordPieceUnits.units_of`, which gives a piece that is
+            itself an output unit that unit alone.
+    """
+    if units_of is None:
+        units_of = lambda piece: [vocab[c] for c in _spelling(piece) if c in vocab]  # noqa: E731
     table = torch.zeros(len(pieces), n_tokens, max(vocab.values()) + 1)
     for b, example in enumerate(pieces):
         for j, piece in enumerate(example[:n_tokens]):
-            ids = [vocab[c] for c in _spelling(piece) if c in vocab]
-            table[b, j, ids] = 1.0
+            table[b, j, units_of(piece)] = 1.0
     return table
 
 

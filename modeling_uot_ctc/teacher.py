@@ -57,6 +57,18 @@ class TeacherOutput:
     tokens: list
 
 
+def teacher_source(model_name_or_path: Optional[Union[str, os.PathLike]], revision: Optional[str] = None) -> str:
+    """Where a teacher loads from: `model_name_or_path`, or for `None` and `DEFAULT_TEACHER_NAME` (at no
+    revision) the offline MiniLM of :func:`default_teacher_path` when it is installed, the hub otherwise."""
+    source = model_name_or_path or DEFAULT_TEACHER_NAME
+    if source == DEFAULT_TEACHER_NAME and revision is None:
+        try:
+            return default_teacher_path()
+        except ImportError:
+            pass  # from the hub, then
+    return str(source)
+
+
 class TextTeacher(nn.Module):
     """A frozen text encoder returning one state per word piece of each transcript.
 
@@ -92,12 +104,7 @@ class TextTeacher(nn.Module):
     ):
         super().__init__()
         if model is None or tokenizer is None:
-            source = model_name_or_path or DEFAULT_TEACHER_NAME
-            if source == DEFAULT_TEACHER_NAME and revision is None:
-                try:
-                    source = default_teacher_path()
-                except ImportError:
-                    pass  # from the hub, then
+            source = teacher_source(model_name_or_path, revision)
             hub = dict(revision=revision, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(source, **hub)
             model = AutoModel.from_pretrained(source, **hub)

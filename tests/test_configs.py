@@ -56,7 +56,7 @@ def test_realistic_config_builds_with_stand_ins(name, stand_ins, tmp_path):
 
     transcript = script.normalise_text(REALISTIC[name], data_args.chars_to_ignore, data_args.do_lower_case)
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"normalised_text": [transcript]})})
-    tokenizer = script.build_tokenizer(raw, model_args, data_args, str(tmp_path))
+    tokenizer = script.build_tokenizer(raw, model_args, data_args, transfer_args, str(tmp_path))
     if name == "aishell1.yaml":
         assert set(transcript) <= set(tokenizer.get_vocab()) and " " not in transcript  # character units
     teacher = TextTeacher(transfer_args.teacher_name_or_path, layer=transfer_args.teacher_layer)

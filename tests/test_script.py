@@ -620,7 +620,7 @@ def test_the_vocabulary_leaves_out_the_language_model_tuning_split(tmp_path):
         "lm_tune": datasets.Dataset.from_dict({"normalised_text": ["xyz"]}),
     })
     model_args, data_args = script.ModelArguments(), script.DataTrainingArguments(data_dir=str(tmp_path))
-    tokenizer = script.build_tokenizer(raw, model_args, data_args, str(tmp_path))
+    tokenizer = script.build_tokenizer(raw, model_args, data_args, script.TransferArguments(), str(tmp_path))
     assert {"a", "b", "c"} <= set(tokenizer.get_vocab()) and not {"x", "y", "z"} & set(tokenizer.get_vocab())
 
 
