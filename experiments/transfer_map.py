@@ -69,6 +69,11 @@ LARGE_STUDENT_CONFIG = "configs/student_large.yaml"
 # the warm-up the anchored cost needs before the CTC head's posteriors mean anything (section 2's uot_anchor_warm).
 SCRATCH_WARMUP_STEPS = 400
 SCRATCH_STEPS = 6000  # configs/transfer_base.yaml's max_steps
+# The word-piece cell: a CTC head over this many units (the teacher's most frequent pieces of the base corpus, and
+# every character: 67 % of the test split's teacher pieces are then one unit each), on the base's encoder. A new
+# head learns for longer than a fine-tuning, so its step count is looked for further, on more held-out sentences.
+WORD_PIECE_VOCAB_SIZE = 1000
+WORD_PIECE_TUNE = dict(tune_max_steps=2000, tune_eval_steps=250, valid_sentences=300)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,12 @@ class Cell:
             5.7M, with a stage-1 base of its own in LARGE_BASE_DIR).
         from_scratch: train as stage 1 does, from random weights on the base corpus, the transfer on after
             SCRATCH_WARMUP_STEPS; no step-count run (the stage-1 recipe's count), tested on the base's test split.
+        output_units: "characters" (the base's own vocabulary and head) or "word_pieces": a new CTC head over the
+            teacher's word pieces (`--output_units word_pieces`, WORD_PIECE_VOCAB_SIZE units) on the base's encoder,
+            fine-tuned on the base corpus (its training sentences but the last `valid_sentences`, which are the
+            validation split) and tested on the base's test split.
+        tune_max_steps, tune_eval_steps, valid_sentences: the step-count run's length, evaluation interval and
+            held-out sentences, where they differ from TUNE_MAX_STEPS, TUNE_EVAL_STEPS and VALID_SENTENCES.
     """
 
     name: str
@@ -91,6 +102,15 @@ class Cell:
     train_sentences: int = 0
     student: str = "base"
     from_scratch: bool = False
+    output_units: str = "characters"
+    tune_max_steps: Optional[int] = None
+    tune_eval_steps: Optional[int] = None
+    valid_sentences: Optional[int] = None
+
+    @property
+    def tune_steps(self) -> tuple[int, int]:
+        """`(last step, evaluation interval)` of the cell's step-count run."""
+        return self.tune_max_steps or TUNE_MAX_STEPS, self.tune_eval_steps or TUNE_EVAL_STEPS
 
     @property
     def corpus(self) -> str:
@@ -123,6 +143,9 @@ CELLS = {
              f"after {SCRATCH_WARMUP_STEPS}", from_scratch=True),
         Cell("homophones_100_large", "homophone target, 100 sentences, a student 4.4 times larger (its own base)",
              100, student="large"),
+        Cell("word_piece_units", f"the CTC's output units made the teacher's word pieces ({WORD_PIECE_VOCAB_SIZE}): a "
+             "new head on the base's encoder, fine-tuned on the base corpus", output_units="word_pieces",
+             **WORD_PIECE_TUNE),
     )
 }
 # The cells `map` runs when none are named. The larger student's own base is a 6000-step training of a model 4.4
@@ -130,10 +153,8 @@ CELLS = {
 # (scripts/gpu_map_cell.py). The from-scratch cell is long too (six 6000-step trainings on one thread each) but needs
 # nothing before it.
 DEFAULT_CELLS = ("homophones_100", "homophones_400", "from_scratch")
-# The issue's last resort, in the table as not run until it is built.
-PLANNED_CELLS = {
-    "word_piece_units": "the CTC's output units made the teacher's word pieces",
-}
+# Cells the table names before they are built.
+PLANNED_CELLS: dict = {}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -159,7 +180,9 @@ def build_data(runner, log=print, cells=None) -> None:
         log(f"building {HOMOPHONE_CORPUS}: {command}")
         subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
     for cell in cells or CELLS.values():
-        if not cell.from_scratch:
+        if cell.output_units == "word_pieces":
+            write_base_cell_corpora(runner, cell)
+        elif not cell.from_scratch:
             write_cell_corpora(runner, cell)
 
 
@@ -198,26 +221,52 @@ def write_cell_corpora(runner, cell: Cell) -> None:
     runner.write_manifest(valid, source_train, os.path.join(cell.tune_corpus, "test"))
 
 
+def write_base_cell_corpora(runner, cell: Cell) -> None:
+    """A cell on the base corpus: its training rows but the last `valid_sentences` as `train` (of the cell and of
+    its validation corpus), those last rows as the validation corpus's `test`, and the base's test split as the
+    cell's `test`; manifests over runner.BASE_CORPUS."""
+    from modeling_uot_ctc.corpus import read_corpus
+
+    held_out = cell.valid_sentences or VALID_SENTENCES
+    source_train, source_test = (os.path.join(runner.BASE_CORPUS, split) for split in ("train", "test"))
+    rows = read_corpus(runner.BASE_CORPUS, ["train"])
+    if len(rows) <= held_out:
+        raise ValueError(f"{runner.BASE_CORPUS} has {len(rows)} training rows; {cell.name} holds {held_out} out.")
+    for row in rows:
+        row.pop("path", None)  # read_corpus's absolute path; the manifests keep the corpus's own columns
+    with open(os.path.join(source_test, "metadata.csv"), newline="", encoding="utf-8") as handle:
+        test_rows = list(csv.DictReader(handle))
+    runner.write_manifest(rows[:-held_out], source_train, os.path.join(cell.corpus, "train"))
+    runner.write_manifest(test_rows, source_test, os.path.join(cell.corpus, "test"))
+    runner.write_manifest(rows[:-held_out], source_train, os.path.join(cell.tune_corpus, "train"))
+    runner.write_manifest(rows[-held_out:], source_train, os.path.join(cell.tune_corpus, "test"))
+
+
 # ------------------------------------------------------------------------------------------------------------ rows
 
 
 def tune_row(runner, cell: Cell):
-    """CTC alone on the cell's validation corpus, evaluated every TUNE_EVAL_STEPS."""
+    """CTC alone on the cell's validation corpus, evaluated every TUNE_EVAL_STEPS (or the cell's own interval)."""
+    last_step, interval = cell.tune_steps
     # Evaluated before the first step too: the base's own validation CER, the point fine-tuning has to beat.
-    flags = {"aligner": "none", "max_steps": TUNE_MAX_STEPS, "do_eval": True, "eval_strategy": "steps",
-             "eval_steps": TUNE_EVAL_STEPS, "eval_on_start": True, "save_steps": TUNE_EVAL_STEPS}
+    flags = {"aligner": "none", "max_steps": last_step, "do_eval": True, "eval_strategy": "steps",
+             "eval_steps": interval, "eval_on_start": True, "save_steps": interval}
     flags.update(_student_flags(runner, cell))
     return runner.Row(f"map_{cell.name}_tune", "map-tune", "CTC alone, validation split, step count", flags,
                       corpus=cell.tune_corpus, configs=(*runner.TARGET_CONFIGS, MAP_CONFIG), rerun=cell.command)
 
 
 def _student_flags(runner, cell: Cell) -> dict:
-    """A fine-tuning cell's starting point, where it is not the one configs/transfer_finetune.yaml names."""
+    """A fine-tuning cell's starting point and vocabulary, where they are not configs/transfer_finetune.yaml's."""
     folder, _ = cell.base(runner)
-    if folder == runner.BASE_DIR:
-        return {}
     plain = os.path.join(folder, "plain")
-    return {"model_name_or_path": plain, "tokenizer_name_or_path": plain}
+    flags = {} if folder == runner.BASE_DIR else {"model_name_or_path": plain, "tokenizer_name_or_path": plain}
+    if cell.output_units == "word_pieces":
+        # No tokenizer given: the script builds the word-piece vocabulary of the cell's training text, and the
+        # base's character head is replaced by a new one of that size.
+        flags.update(tokenizer_name_or_path="", output_units="word_pieces",
+                     word_piece_vocab_size=WORD_PIECE_VOCAB_SIZE)
+    return flags
 
 
 def chosen_steps(runner, cell: Cell) -> Optional[dict]:
@@ -234,7 +283,7 @@ def chosen_steps(runner, cell: Cell) -> Optional[dict]:
     with open(path, encoding="utf-8") as handle:
         state = json.load(handle)
     curve = [(entry["step"], entry["eval_cer"]) for entry in state["log_history"] if "eval_cer" in entry]
-    if not curve or curve[-1][0] < TUNE_MAX_STEPS:
+    if not curve or curve[-1][0] < cell.tune_steps[0]:
         return None
     base_cer = curve[0][1] if curve[0][0] == 0 else math.nan
     step, cer = min((p for p in curve if p[0] > 0), key=lambda point: (point[1], point[0]))  # ties: the earlier step

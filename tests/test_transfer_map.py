@@ -126,6 +126,44 @@ def test_the_larger_student_starts_from_its_own_base():
         assert model_args.model_name_or_path == model_args.tokenizer_name_or_path == os.path.join(folder, "plain")
 
 
+def test_the_word_piece_cell_gives_the_base_encoder_a_new_head_over_teacher_pieces():
+    cell = transfer_map.CELLS["word_piece_units"]
+    tune = transfer_map.tune_row(runner, cell)
+    rows = [tune, *transfer_map.map_rows(runner, cell, 750, transfer_map.GATE_ROWS)]
+    for row in rows:
+        model_args, data_args, transfer_args, _, training_args = script.parse_arguments(row.train_argv(0))
+        # The base's encoder, no tokenizer given (the script builds the word-piece vocabulary of the cell's text).
+        assert model_args.model_name_or_path == "outputs/transfer/base/plain" and not model_args.tokenizer_name_or_path
+        assert data_args.output_units == "word_pieces"
+        assert data_args.word_piece_vocab_size == transfer_map.WORD_PIECE_VOCAB_SIZE
+    _, _, _, _, training_args = script.parse_arguments(tune.train_argv(0))
+    assert (training_args.max_steps, training_args.eval_steps) == (2000, 250) == cell.tune_steps
+    # The other cells keep the module's step-count settings.
+    assert transfer_map.CELLS["homophones_100"].tune_steps == (transfer_map.TUNE_MAX_STEPS, transfer_map.TUNE_EVAL_STEPS)
+
+
+def test_the_word_piece_cell_holds_out_base_training_sentences_and_tests_on_the_base_test_split(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    for split, count in (("train", 10), ("test", 3)):
+        (base / split).mkdir(parents=True)
+        with open(base / split / "metadata.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows({"file_name": f"{split}_{k:02d}.wav", "text": f"{split} {k}"} for k in range(count))
+    monkeypatch.setattr(runner, "BASE_CORPUS", str(base))
+    monkeypatch.setattr(transfer_map, "MAP_DATA", str(tmp_path / "map"))
+    cell = transfer_map.Cell("pieces", "", output_units="word_pieces", valid_sentences=4)
+    transfer_map.write_base_cell_corpora(runner, cell)
+    texts = {(folder, split): sorted(r["text"] for r in read_split(folder, split))
+             for folder in (cell.corpus, cell.tune_corpus) for split in ("train", "test")}
+    assert texts[cell.corpus, "train"] == texts[cell.tune_corpus, "train"] == [f"train {k}" for k in range(6)]
+    assert texts[cell.tune_corpus, "test"] == [f"train {k}" for k in range(6, 10)]
+    assert texts[cell.corpus, "test"] == ["test 0", "test 1", "test 2"]
+    for row in read_split(cell.tune_corpus, "test"):
+        target = os.path.normpath(os.path.join(cell.tune_corpus, "test", row["file_name"]))
+        assert target == os.path.normpath(str(base / "train" / row["file_name"].split("/")[-1]))
+
+
 def write_tune_state(runs_dir, cell, curve):
     folder = runs_dir / f"map_{cell}_tune" / "seed0"
     folder.mkdir(parents=True)
