@@ -573,8 +573,10 @@ def map_table(steps: dict, rows: dict, found: dict) -> str:
         control = [m["homophones"]["control_accuracy"] for m in runs("ctc").values() if "homophones" in m]
         accuracies = " / ".join(f"{np.mean(accuracy(v)):.3f}" if accuracy(v) else "–"
                                 for v in ("ctc", "oracle", "uot_anchor"))
+        # A new head (another vocabulary) reads nothing before its first step: no base CER to show.
+        start = "new head" if cell.output_units != "characters" else f"{choice['base_cer']:.3f}"
         columns = [
-            f"{choice['steps']} ({choice['base_cer']:.3f}, {choice['validation_cer']:.3f}, {choice['last_cer']:.3f})"
+            f"{choice['steps']} ({start}, {choice['validation_cer']:.3f}, {choice['last_cer']:.3f})"
             if choice["curve"] else f"{choice['steps']} (stage 1's recipe)", verdict,
             str(len(runs("ctc"))), mean_spread([m["cer"] for m in runs("ctc").values()], 4),
             _interval_cell(oracle, "relative_cer", 100, " %"), _interval_cell(oracle, "homophone_points", 100, " pt"),
