@@ -437,18 +437,15 @@ def build_tokenizer(
             revision=transfer_args.teacher_revision, cache_dir=model_args.cache_dir, token=data_args.token,
             trust_remote_code=data_args.trust_remote_code,
         )
-        # Pieces of the training text only (the evaluation text's characters still join, so that it stays
-        # spellable): which words are units must not depend on the test sentences.
+        # Pieces of the training text only: which words are units must not depend on the test sentences.
         vocab = word_piece_vocabulary(raw["train"]["normalised_text"] if "train" in raw else texts, pieces,
                                       data_args.word_piece_vocab_size, **special)
-        for character in sorted({c for text in texts for c in text if c != " "}):
-            vocab.setdefault(character, len(vocab))
     elif data_args.output_units == "characters":
         vocab = {data_args.pad_token: 0, data_args.unk_token: 1, data_args.word_delimiter_token: 2}
-        for character in sorted({c for text in texts for c in text if c != " "}):
-            vocab.setdefault(character, len(vocab))
     else:
         raise ValueError(f"--output_units must be 'characters' or 'word_pieces', got {data_args.output_units!r}.")
+    for character in sorted({c for text in texts for c in text if c != " "}):
+        vocab.setdefault(character, len(vocab))  # every character of both splits, so that both stay spellable
     os.makedirs(output_dir, exist_ok=True)
     vocab_file = os.path.join(output_dir, "vocab.json")
     with open(vocab_file, "w", encoding="utf-8") as handle:
