@@ -167,7 +167,8 @@ class DataTrainingArguments:
     )
     word_piece_vocab_size: int = field(
         default=1000,
-        metadata={"help": "Entries of a word-piece vocabulary, special tokens and single characters included."},
+        metadata={"help": "Entries of a word-piece vocabulary, special tokens and the training text's characters "
+                  "included (a character only the evaluation text has comes on top)."},
     )
     invalid_data: str = field(
         default="skip",
@@ -432,14 +433,17 @@ def build_tokenizer(
     # Not from the language model's tuning split, which the model never learns from.
     texts = [text for split in ("train", "eval") if split in raw for text in raw[split]["normalised_text"]]
     if data_args.output_units == "word_pieces":
+        if "train" not in raw:
+            raise ValueError("--output_units word_pieces builds its units from the training text: give a training "
+                             "split, or the tokenizer of a trained model (--tokenizer_name_or_path).")
         pieces = AutoTokenizer.from_pretrained(
             teacher_source(transfer_args.teacher_name_or_path, transfer_args.teacher_revision),
             revision=transfer_args.teacher_revision, cache_dir=model_args.cache_dir, token=data_args.token,
             trust_remote_code=data_args.trust_remote_code,
         )
         # Pieces of the training text only: which words are units must not depend on the test sentences.
-        vocab = word_piece_vocabulary(raw["train"]["normalised_text"] if "train" in raw else texts, pieces,
-                                      data_args.word_piece_vocab_size, **special)
+        vocab = word_piece_vocabulary(raw["train"]["normalised_text"], pieces, data_args.word_piece_vocab_size,
+                                      **special)
     elif data_args.output_units == "characters":
         vocab = {data_args.pad_token: 0, data_args.unk_token: 1, data_args.word_delimiter_token: 2}
     else:

@@ -92,7 +92,9 @@ class Cell:
         output_units: "characters" (the base's own vocabulary and head) or "word_pieces": a new CTC head over the
             teacher's word pieces (`--output_units word_pieces`, WORD_PIECE_VOCAB_SIZE units) on the base's encoder,
             fine-tuned on the base corpus (its training sentences but the last `valid_sentences`, which are the
-            validation split) and tested on the base's test split.
+            validation split) and tested on the base's test split. The base's encoder has trained on the
+            validation sentences too (stage 1 learns from all of them): only the head has not, so the validation
+            CER there is lower than on unheard sentences, and the step count it picks may be early.
         tune_max_steps, tune_eval_steps, valid_sentences: the step-count run's length, evaluation interval and
             held-out sentences, where they differ from TUNE_MAX_STEPS, TUNE_EVAL_STEPS and VALID_SENTENCES.
     """

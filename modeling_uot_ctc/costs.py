@@ -89,9 +89,11 @@ def character_anchor_cost(
     frame_mask: Optional[torch.Tensor] = None,
     token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The acoustic anchor: `C_ij = 1 - max_{c in chars(j)} p_i(c)`, from the CTC head's own posteriors.
+    """The acoustic anchor: `C_ij = 1 - max_{c in units(j)} p_i(c)`, from the CTC head's own posteriors.
 
-    A frame fits a word piece when the recogniser hears one of the piece's characters in it. Frames where the blank
+    `units(j)` are the CTC vocabulary entries that spell word piece `j`: its characters, or with a word-piece
+    vocabulary (`modeling_uot_ctc.word_pieces`) the piece itself where it is a unit. A frame fits a word piece when
+    the recogniser hears one of the piece's units in it. Frames where the blank
     (or a character of no piece) dominates cost close to 1 for every token, so that an unbalanced plan can leave them
     out. Unlike the cosine cost it varies across frames from the first step of fine-tuning a trained recogniser,
     whatever the adapter has learnt.
@@ -101,7 +103,7 @@ def character_anchor_cost(
             Log-probabilities of the CTC vocabulary at each frame (`log_softmax` of the logits).
         token_characters (`torch.Tensor` of shape `(B, N, V)`):
             1 where vocabulary id `c` spells part of token `j` (`modeling_uot_ctc.data.token_characters` builds it
-            from the teacher's word pieces); a token without any character costs 1 everywhere.
+            from the teacher's word pieces); a token without any unit costs 1 everywhere.
         frame_mask, token_mask: `True` on valid frames `(B, T)` and tokens `(B, N)`.
 
     Returns:
@@ -120,11 +122,10 @@ def character_anchor_cost(
         characters = token_characters.to(device=probs.device, dtype=torch.float32)
         # A (B, T, N, U) product for the max over each piece's units, U the units any piece of the batch uses: tens
         # for a character vocabulary, and a word-piece vocabulary's thousand entries would not fit otherwise.
-        used = characters.amax((0, 1)).nonzero().squeeze(-1)
-        if used.numel():
-            affinity = (probs[..., used][:, :, None, :] * characters[..., used][:, None, :, :]).amax(-1)
-        else:  # no piece has a unit: every cell costs 1
-            affinity = probs.new_zeros(probs.shape[0], probs.shape[1], characters.shape[1])
+        used = characters.reshape(-1, characters.shape[-1]).ne(0).any(0).nonzero().flatten()
+        if not used.numel():  # no piece has a unit: one all-zero column, every cell costs 1 and autograd still flows
+            used = used.new_zeros(1)
+        affinity = (probs[..., used][:, :, None, :] * characters[..., used][:, None, :, :]).amax(-1)
         cost = 1.0 - affinity
         # `where`, not a product: padded frames' posteriors may hold anything, NaN included.
         if frame_mask is not None:

@@ -72,12 +72,15 @@ class WordPieceUnits:
         vocab: `{unit: id}` of the CTC tokenizer (`tokenizer.get_vocab()`).
         unk_token: the unknown unit, for a word with a character outside the vocabulary.
         word_delimiter_token: the unit between two words.
+        special_tokens: other entries that spell nothing (padding, sentence marks); entries written `[...]` are
+            taken as special too.
     """
 
-    def __init__(self, vocab: dict[str, int], unk_token: str = "[UNK]", word_delimiter_token: str = "|"):
+    def __init__(self, vocab: dict[str, int], unk_token: str = "[UNK]", word_delimiter_token: str = "|",
+                 special_tokens: Iterable[str] = ()):
         from tokenizers import Tokenizer, models, pre_tokenizers
 
-        specials = {unk_token, word_delimiter_token}
+        specials = {unk_token, word_delimiter_token, *special_tokens}
         if unk_token not in vocab or word_delimiter_token not in vocab:
             raise ValueError(f"the vocabulary lacks {unk_token!r} or {word_delimiter_token!r}.")
         self.vocab = dict(vocab)
@@ -98,7 +101,8 @@ class WordPieceUnits:
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "WordPieceUnits":
         """The encoder of a `Wav2Vec2CTCTokenizer` over a word-piece vocabulary."""
-        return cls(tokenizer.get_vocab(), str(tokenizer.unk_token), str(tokenizer.word_delimiter_token))
+        return cls(tokenizer.get_vocab(), str(tokenizer.unk_token), str(tokenizer.word_delimiter_token),
+                   tokenizer.all_special_tokens)
 
     def tokenize(self, text: str) -> list[str]:
         """The units spelling `text`, the word delimiter between words."""
@@ -117,10 +121,15 @@ class WordPieceUnits:
 
     def units_of(self, piece: str) -> list[int]:
         """The ids of the units spelling one teacher piece (its `"##"` dropped): the acoustic anchor's columns
-        (`modeling_uot_ctc.data.token_characters`). A piece that is itself a unit gives that one id."""
+        (`modeling_uot_ctc.data.token_characters`). A piece that is itself a unit gives that one id; one the units
+        cannot spell (`[UNK]`, a character outside the vocabulary) gives the ids of the characters it has in the
+        vocabulary, as a character vocabulary would, never the unknown unit, which no label holds."""
         spelling = piece_spelling(piece)
         if spelling not in self._units_of:
-            self._units_of[spelling] = [i for i in self.encode(spelling) if i != self.delimiter_id]
+            ids = [i for i in self.encode(spelling) if i != self.delimiter_id]
+            if self.unk_id in ids:
+                ids = [self.vocab[c] for c in spelling if c in self.vocab and self.vocab[c] != self.unk_id]
+            self._units_of[spelling] = ids
         return self._units_of[spelling]
 
 

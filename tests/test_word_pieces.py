@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, Wav2Vec2CTCTokenizer, pipeline
+from transformers import AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, pipeline
 
 import run_speech_recognition_uot as script
 from modeling_uot_ctc.costs import character_anchor_cost
@@ -62,6 +62,8 @@ def test_words_are_spelled_longest_unit_first_with_delimiters_between_them():
     assert units.encode("the cats") == [11, 2, 10, 5]
     assert units.encode("the dog") == [11, 2, 1]  # WordPiece writes an unspellable word as one unknown unit
     assert units.units_of("##cat") == [10] and units.units_of("cats") == [10, 5] and piece_spelling("##s") == "s"
+    # A piece the units cannot spell reads its known characters, never the unknown unit, which no label holds.
+    assert units.units_of("[UNK]") == [] and units.units_of("cax") == [4, 3]
 
 
 def test_the_stock_tokenizer_decodes_the_labels_and_ctc_output(tmp_path):
@@ -99,6 +101,15 @@ def test_the_anchor_reads_a_piece_unit_posterior_directly(tmp_path):
     assert torch.all(cost[1, :, 1:] == 1.0)  # a padded token without units costs 1 (no masks given)
 
 
+def test_the_anchor_without_any_unit_or_example_still_has_its_shape_and_gradient():
+    log_probs = torch.randn(2, 5, 6).log_softmax(-1).requires_grad_()
+    cost = character_anchor_cost(log_probs, torch.zeros(2, 3, 6))
+    assert cost.shape == (2, 5, 3) and torch.all(cost == 1.0)
+    cost.sum().backward()  # a graph to differentiate, with nothing in it to push
+    assert torch.all(log_probs.grad == 0)
+    assert character_anchor_cost(torch.zeros(0, 5, 6), torch.zeros(0, 3, 6)).shape == (0, 5, 3)
+
+
 def test_a_run_with_word_piece_units_trains_the_anchor_and_exports_a_stock_recogniser(corpus, teacher, tmp_path):
     output_dir, plain = str(tmp_path / "out"), str(tmp_path / "plain")
     script.main(base_arguments(
@@ -115,8 +126,15 @@ def test_a_run_with_word_piece_units_trains_the_anchor_and_exports_a_stock_recog
     assert WordPieceUnits.from_tokenizer(loaded).tokenize("the air is clean")[:2] == ["the", "|"]
     history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
     assert [entry["step"] for entry in history if "kt_loss" in entry] == [1, 2]
+    # The stock pipeline serves the export: its text is the stock tokenizer's CTC decoding of the model's output.
+    audio = speech_like("the air is clean", np.random.default_rng(0))
     asr = pipeline("automatic-speech-recognition", model=plain, device=-1)
-    assert isinstance(asr(speech_like("the air is clean", np.random.default_rng(0)))["text"], str)
+    model = Wav2Vec2ForCTC.from_pretrained(plain).eval()
+    inputs = asr.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt")
+    with torch.no_grad():
+        best = model(inputs.input_values).logits.argmax(-1)[0]
+    assert type(asr.tokenizer) is Wav2Vec2CTCTokenizer
+    assert asr(audio)["text"] == loaded.decode(best.tolist())
 
 
 def test_the_script_encodes_word_piece_labels_that_decode_to_the_transcript(corpus, teacher, tmp_path):
@@ -133,6 +151,9 @@ def test_the_script_encodes_word_piece_labels_that_decode_to_the_transcript(corp
         labels = units.encode(text)
         assert tokenizer.decode(labels, group_tokens=False) == text
     assert units.tokenize("the cat")[0] == "the"  # the most frequent piece is a unit
+    evaluation_only = datasets.DatasetDict({"eval": raw["train"]})
+    with pytest.raises(ValueError, match="from the training text"):
+        script.build_tokenizer(evaluation_only, model_args, data_args, transfer_args, str(tmp_path))
     data_args.output_units = "phonemes"
     with pytest.raises(ValueError, match="--output_units"):
         script.build_tokenizer(raw, model_args, data_args, transfer_args, str(tmp_path))
