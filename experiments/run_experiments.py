@@ -831,8 +831,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "(experiments/transfer_map.py)"
     )
     map_command.add_argument(
-        "--cells", nargs="+", help="cells of transfer_map.CELLS (default: transfer_map.DEFAULT_CELLS, which leave out "
-        "the larger student)"
+        "--cells", nargs="+", help="cells of transfer_map.CELLS (default: transfer_map.DEFAULT_CELLS, every cell)"
     )
     map_command.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one CPU thread)")
     map_report = commands.add_parser("map-report", help="write the map's tables, plot and CSV into docs/")

@@ -1,8 +1,8 @@
 """The transfer map (docs/RESULTS.md, "Where the transfer pays"): the regimes where alignment-based transfer from the
 text model can help at all, the oracle first, and in those regimes how much of the oracle's gain UOT keeps.
 
-    python experiments/run_experiments.py map --jobs 2       # the DEFAULT_CELLS, whatever is not yet done
-    python experiments/run_experiments.py map --cells homophones_100_large   # a cell outside the default
+    python experiments/run_experiments.py map --jobs 2       # every cell (DEFAULT_CELLS), whatever is not yet done
+    python experiments/run_experiments.py map --cells homophones_100_large   # one cell
     python experiments/run_experiments.py map-report         # the table, the plot and docs/results/map_runs.csv
 
 `runner`, the first argument of most functions here, is the experiments' runner module
@@ -150,11 +150,10 @@ CELLS = {
              **WORD_PIECE_TUNE),
     )
 }
-# The cells `map` runs when none are named. The larger student's own base is a 6000-step training of a model 4.4
-# times larger (hours on two cores before its cell can start), so it runs when asked for, or on a GPU
-# (scripts/gpu_map_cell.py). The from-scratch cell is long too (six 6000-step trainings on one thread each) but needs
-# nothing before it.
-DEFAULT_CELLS = ("homophones_100", "homophones_400", "from_scratch")
+# The cells `map` runs when none are named: the whole map, so that one resumable command makes it. The long ones
+# come last: the from-scratch cell (six 6000-step trainings on one thread each) and the larger student, whose own
+# base is a 6000-step training of a model 4.4 times larger (or scripts/gpu_map_cell.py on a GPU).
+DEFAULT_CELLS = ("homophones_100", "homophones_400", "word_piece_units", "from_scratch", "homophones_100_large")
 # Cells the table names before they are built.
 PLANNED_CELLS: dict = {}
 

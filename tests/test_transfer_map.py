@@ -256,7 +256,7 @@ def test_the_map_runs_the_full_rows_only_where_the_oracle_gains(tmp_path, monkey
         write_run(tmp_path, "map_homophones_100_oracle", seed, run_metrics(0.25 + 0.001 * seed, 0.4))  # gains
         write_run(tmp_path, "map_homophones_400_ctc", seed, run_metrics(0.30, 0.4))
         write_run(tmp_path, "map_homophones_400_oracle", seed, run_metrics(0.30 + 0.001 * seed, 0.4))  # does not
-    transfer_map.run_map(runner, None, jobs=2, log=lambda _: None)
+    transfer_map.run_map(runner, ["homophones_100", "homophones_400", "from_scratch"], jobs=2, log=lambda _: None)
     tune, gate, full = asked
     assert tune == (["map_homophones_100_tune", "map_homophones_400_tune"], [0], [300, 300])
     # The from-scratch cell has no step-count run: stage 1's recipe sets it.
@@ -269,6 +269,8 @@ def test_the_map_runs_the_full_rows_only_where_the_oracle_gains(tmp_path, monkey
     assert dict(zip(gate[0], gate[2]))["map_homophones_400_ctc"] == 300
     assert full == ([f"map_homophones_100_{v}" for v in transfer_map.FULL_ROWS], [0, 1, 2, 3, 4], [200] * 5)
     assert bases == [runner.BASE_DIR]  # the small student's base, once
+    # With no cells named, the map is every cell: one command makes all of it.
+    assert sorted(transfer_map.DEFAULT_CELLS) == sorted(transfer_map.CELLS)
 
 
 def test_the_map_leaves_a_cell_whose_step_count_is_not_known_and_decides_no_gate_on_missing_seeds(
