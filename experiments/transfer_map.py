@@ -154,8 +154,6 @@ CELLS = {
 # come last: the from-scratch cell (six 6000-step trainings on one thread each) and the larger student, whose own
 # base is a 6000-step training of a model 4.4 times larger (or scripts/gpu_map_cell.py on a GPU).
 DEFAULT_CELLS = ("homophones_100", "homophones_400", "word_piece_units", "from_scratch", "homophones_100_large")
-# Cells the table names before they are built.
-PLANNED_CELLS: dict = {}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -210,16 +208,8 @@ def write_cell_corpora(runner, cell: Cell) -> None:
         raise ValueError(f"{HOMOPHONE_CORPUS} has {len(ordered)} training rows; {cell.name} needs "
                          f"{cell.train_sentences}, and more than {VALID_SENTENCES} to hold some out.")
     tune_train = ordered[: min(cell.train_sentences, len(ordered) - VALID_SENTENCES)]
-    valid = ordered[-VALID_SENTENCES:]
-    source_train, source_test = (os.path.join(HOMOPHONE_CORPUS, split) for split in ("train", "test"))
-    for row in ordered:
-        row.pop("path", None)  # read_corpus's absolute path; the manifests keep the corpus's own columns
-    with open(os.path.join(source_test, "metadata.csv"), newline="", encoding="utf-8") as handle:
-        test_rows = list(csv.DictReader(handle))
-    runner.write_manifest(ordered[: cell.train_sentences], source_train, os.path.join(cell.corpus, "train"))
-    runner.write_manifest(test_rows, source_test, os.path.join(cell.corpus, "test"))
-    runner.write_manifest(tune_train, source_train, os.path.join(cell.tune_corpus, "train"))
-    runner.write_manifest(valid, source_train, os.path.join(cell.tune_corpus, "test"))
+    _write_cell_manifests(runner, cell, HOMOPHONE_CORPUS, ordered[: cell.train_sentences], tune_train,
+                          ordered[-VALID_SENTENCES:])
 
 
 def write_base_cell_corpora(runner, cell: Cell) -> None:
@@ -229,18 +219,26 @@ def write_base_cell_corpora(runner, cell: Cell) -> None:
     from modeling_uot_ctc.corpus import read_corpus
 
     held_out = cell.valid_sentences or VALID_SENTENCES
-    source_train, source_test = (os.path.join(runner.BASE_CORPUS, split) for split in ("train", "test"))
     rows = read_corpus(runner.BASE_CORPUS, ["train"])
     if len(rows) <= held_out:
         raise ValueError(f"{runner.BASE_CORPUS} has {len(rows)} training rows; {cell.name} holds {held_out} out.")
-    for row in rows:
-        row.pop("path", None)  # read_corpus's absolute path; the manifests keep the corpus's own columns
+    _write_cell_manifests(runner, cell, runner.BASE_CORPUS, rows[:-held_out], rows[:-held_out], rows[-held_out:])
+
+
+def _write_cell_manifests(runner, cell: Cell, corpus: str, train: list, tune_train: list, valid: list) -> None:
+    """The cell's corpus (`train`, and `corpus`'s whole test split) and its validation corpus (`tune_train`, and
+    `valid` as its `test`), as manifests over the audio of `corpus`; `train`, `tune_train` and `valid` are rows of
+    `corpus`'s training split (`read_corpus`)."""
+    source_train, source_test = (os.path.join(corpus, split) for split in ("train", "test"))
+    # Without read_corpus's absolute path: the manifests keep the corpus's own columns.
+    train, tune_train, valid = ([{k: v for k, v in row.items() if k != "path"} for row in rows]
+                                for rows in (train, tune_train, valid))
     with open(os.path.join(source_test, "metadata.csv"), newline="", encoding="utf-8") as handle:
         test_rows = list(csv.DictReader(handle))
-    runner.write_manifest(rows[:-held_out], source_train, os.path.join(cell.corpus, "train"))
+    runner.write_manifest(train, source_train, os.path.join(cell.corpus, "train"))
     runner.write_manifest(test_rows, source_test, os.path.join(cell.corpus, "test"))
-    runner.write_manifest(rows[:-held_out], source_train, os.path.join(cell.tune_corpus, "train"))
-    runner.write_manifest(rows[-held_out:], source_train, os.path.join(cell.tune_corpus, "test"))
+    runner.write_manifest(tune_train, source_train, os.path.join(cell.tune_corpus, "train"))
+    runner.write_manifest(valid, source_train, os.path.join(cell.tune_corpus, "test"))
 
 
 # ------------------------------------------------------------------------------------------------------------ rows
@@ -587,8 +585,6 @@ def map_table(steps: dict, rows: dict, found: dict) -> str:
             "only where the gate passes" if verdict != "passes" else "not run yet",
         ]
         lines.append(f"| {cell.name}: {cell.description} | " + " | ".join(columns) + f" | `{cell.command}` |")
-    for name, description in PLANNED_CELLS.items():
-        lines.append(f"| {name}: {description} | not built yet |" + " |" * 12)
     return "\n".join(lines) + "\n"
 
 

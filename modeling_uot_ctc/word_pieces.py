@@ -72,8 +72,7 @@ class WordPieceUnits:
         vocab: `{unit: id}` of the CTC tokenizer (`tokenizer.get_vocab()`).
         unk_token: the unknown unit, for a word with a character outside the vocabulary.
         word_delimiter_token: the unit between two words.
-        special_tokens: other entries that spell nothing (padding, sentence marks); entries written `[...]` are
-            taken as special too.
+        special_tokens: other entries that spell nothing (padding, sentence marks).
     """
 
     def __init__(self, vocab: dict[str, int], unk_token: str = "[UNK]", word_delimiter_token: str = "|",
@@ -90,7 +89,7 @@ class WordPieceUnits:
         # The WordPiece model wants each unit twice: as a word's start and as a continuation.
         pieces = {unk_token: 0}
         for unit in vocab:
-            if unit not in specials and not (unit.startswith("[") and unit.endswith("]")):
+            if unit not in specials:
                 pieces.setdefault(unit, len(pieces))
                 pieces.setdefault(CONTINUATION + unit, len(pieces))
         self._model = Tokenizer(models.WordPiece(pieces, unk_token=unk_token, continuing_subword_prefix=CONTINUATION,
